@@ -1,0 +1,102 @@
+"""Backends of the two ops and how `auto` picks one.
+
+Every backend is an object with
+
+* ``name``
+* ``supports(device: torch.device) -> bool``
+* ``noise(x0, t_in, tables, k0, k1, call, mirror, pivot) -> (x_t, t)``: draws t (unless
+  ``t_in`` is a given int64 [B] tensor) and eps per the RNG contract (speed_kernels.rng),
+  returns x_t in x0's dtype and t as int64; advances the device counter ``call`` by one.
+* ``loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean) -> (loss, terms)``:
+  regenerates eps of call index ``call - 1``; ``loss`` is the batch-mean scalar
+  (``reduce_mean``) or the per-sample [B] float32 loss, differentiable w.r.t. ``pred``;
+  ``terms`` is a detached float32 [2, B] tensor of (weighted MSE, VLB) per sample.
+
+``tables`` is the float32 [NUM_ROWS, T] table of speed_kernels.tables on x0's device; ``target``
+is 0 (eps), 1 (v) or 2 (x0).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+
+class TorchBackend:
+    """Plain PyTorch: the reference, the fallback, any device."""
+
+    name = "torch"
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def noise(self, x0, t_in, tables, k0, k1, call, mirror, pivot):
+        return reference.noise(x0, t_in, tables, k0, k1, call, mirror, pivot)
+
+    def loss(self, pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
+        return reference.loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean)
+
+
+_REGISTRY: dict[str, object] = {"torch": TorchBackend()}
+_LOAD_ERRORS: dict[str, str] = {}
+
+
+def _try_load(name: str):
+    """Import a compiled or Triton backend on first use; remember why one is missing."""
+    if name in _REGISTRY or name in _LOAD_ERRORS:
+        return _REGISTRY.get(name)
+    try:
+        if name == "triton":
+            from .ops import triton_backend
+
+            _REGISTRY[name] = triton_backend.TritonBackend()
+        elif name in ("cpp", "cuda"):
+            from . import _ext
+
+            _REGISTRY[name] = _ext.backend(name)
+        else:
+            raise ValueError(f"unknown backend {name!r}; known: {KNOWN}")
+    except ValueError:
+        raise
+    except Exception as exc:  # ImportError, a failed build, a missing toolkit
+        _LOAD_ERRORS[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    return _REGISTRY[name]
+
+
+KNOWN = ("auto", "triton", "cuda", "cpp", "torch")
+
+
+def backends() -> dict[str, str]:
+    """Every backend with 'available' or the reason it is not."""
+    out = {}
+    for name in KNOWN[1:]:
+        b = _try_load(name)
+        out[name] = "available" if b is not None else f"unavailable ({_LOAD_ERRORS.get(name)})"
+    return out
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select(name: str, device: torch.device):
+    """The backend object for `name` on `device` (`auto`: triton on CUDA, then cuda; cpp on CPU;
+    torch everywhere else)."""
+    if name not in KNOWN:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(KNOWN)}")
+    if name == "auto":
+        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
+        for cand in order:
+            b = _try_load(cand)
+            if b is not None and b.supports(device):
+                return b
+        return _REGISTRY["torch"]
+    b = _try_load(name)
+    if b is None:
+        raise ValueError(f"backend {name!r} is not available: {_LOAD_ERRORS.get(name)}")
+    if not b.supports(device):
+        raise ValueError(f"backend {name!r} does not run on device {device}")
+    return b

@@ -1,0 +1,133 @@
+"""The plain-PyTorch reference of the two ops, written for clarity, not speed.
+
+It is the `torch` backend, the fallback, and the oracle every kernel is tested against.
+Arithmetic is float32 whatever the input dtype (float64 inputs stay float64 so tests can build
+a float64 ground truth); gradients come from autograd.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import rng
+from .tables import (
+    LN2,
+    ROW_CDF,
+    ROW_LOG_BETA,
+    ROW_MODEL_OUT,
+    ROW_MODEL_XT,
+    ROW_POST_LOGVAR,
+    ROW_POST_X0,
+    ROW_POST_XT,
+    ROW_SQRT_1MAB,
+    ROW_SQRT_AB,
+    ROW_WEIGHT,
+)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_sample(coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Gather a [T] row at t and shape it [B, 1, 1, ...] to broadcast against `like`."""
+    return coef[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def regenerate_eps(shape, call: torch.Tensor, k0: int, k1: int, device) -> torch.Tensor:
+    """The eps of the noise call with index `call` (float32, shape of x0)."""
+    batch = shape[0]
+    n = math.prod(shape[1:])
+    return rng.normal_per_element(batch, n, call, k0, k1, device=device).view(shape)
+
+
+def noise(x0, t_in, tables, k0, k1, call, mirror: bool, pivot: int):
+    """Draw t (unless given) and eps; return (x_t in x0's dtype, t int64). Advances `call`."""
+    batch = x0.shape[0]
+    if t_in is None:
+        t = rng.sample_timesteps(batch, tables[ROW_CDF], call, k0, k1, mirror, pivot)
+    else:
+        t = t_in
+    eps = regenerate_eps(x0.shape, call, k0, k1, x0.device)
+    cd = _compute_dtype(x0)
+    xf = x0.to(cd)
+    x_t = _per_sample(tables[ROW_SQRT_AB], t, xf) * xf + _per_sample(tables[ROW_SQRT_1MAB], t, xf) * eps.to(cd)
+    call.add_(1)
+    return x_t.to(x0.dtype), t
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation guided-diffusion uses in its discretized Gaussian likelihood."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log p(x) of data quantised to 256 bins on [-1, 1] (guided-diffusion's decoder term)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+    )
+
+
+def loss_terms(pred, x0, t, eps, tables, target: int, learn_sigma: bool):
+    """Per-sample (weighted MSE, VLB) of a batch, differentiable w.r.t. `pred`.
+
+    MSE = weights[t] * mean over non-batch dims of (out - target)^2 with target eps / v / x0.
+    With learned sigma, `pred` holds 2C channels (out, v): VLB = KL(q(x_{t-1}|x_t,x0) || p) in
+    bits with the model mean detached and log-variance f*log(beta_t) + (1-f)*log(beta~_t),
+    f = (v+1)/2; at t = 0 the discretized-Gaussian NLL of x0 instead (guided-diffusion / DiT)."""
+    cd = _compute_dtype(pred)
+    x0f = x0.to(cd)
+    epsf = eps.to(cd)
+    pf = pred.to(cd)
+    channels = x0.shape[1] if learn_sigma else None
+    out = pf[:, :channels] if learn_sigma else pf
+    sab = _per_sample(tables[ROW_SQRT_AB], t, x0f)
+    s1mab = _per_sample(tables[ROW_SQRT_1MAB], t, x0f)
+    if target == 0:
+        tgt = epsf
+    elif target == 1:
+        tgt = sab * epsf - s1mab * x0f
+    else:
+        tgt = x0f
+    dims = tuple(range(1, x0.dim()))
+    mse = (out - tgt).pow(2).mean(dim=dims) * tables[ROW_WEIGHT][t].to(cd)
+    if not learn_sigma:
+        return mse, torch.zeros_like(mse)
+    v = pf[:, channels:]
+    x_t = sab * x0f + s1mab * epsf
+    mean_true = _per_sample(tables[ROW_POST_X0], t, x0f) * x0f + _per_sample(tables[ROW_POST_XT], t, x0f) * x_t
+    logvar_true = _per_sample(tables[ROW_POST_LOGVAR], t, x0f)
+    min_log = logvar_true
+    max_log = _per_sample(tables[ROW_LOG_BETA], t, x0f)
+    frac = (v + 1.0) / 2.0
+    logvar_model = frac * max_log + (1.0 - frac) * min_log
+    mean_model = _per_sample(tables[ROW_MODEL_XT], t, x0f) * x_t + _per_sample(tables[ROW_MODEL_OUT], t, x0f) * out.detach()
+    kl = 0.5 * (
+        -1.0
+        + logvar_model
+        - logvar_true
+        + torch.exp(logvar_true - logvar_model)
+        + (mean_true - mean_model).pow(2) * torch.exp(-logvar_model)
+    )
+    nll = -discretized_gaussian_log_likelihood(x0f, mean_model, 0.5 * logvar_model)
+    vb = torch.where(t.view(-1, *([1] * (x0.dim() - 1))) == 0, nll, kl).mean(dim=dims) / LN2
+    return mse, vb
+
+
+def loss(pred, x0, t, tables, k0, k1, call, target: int, learn_sigma: bool, reduce_mean: bool, eps=None):
+    """(loss, terms): loss is the batch mean (scalar) or per-sample [B]; terms is a detached
+    float32 [2, B] of (weighted MSE, VLB). eps is regenerated from call-1 unless given."""
+    if eps is None:
+        eps = regenerate_eps(x0.shape, call - 1, k0, k1, x0.device)
+    mse, vb = loss_terms(pred, x0, t, eps, tables, target, learn_sigma)
+    per_sample = mse + vb
+    terms = torch.stack([mse.detach(), vb.detach()]).to(torch.float32)
+    return (per_sample.mean() if reduce_mean else per_sample), terms
