@@ -1,0 +1,306 @@
+"""`DiffusionLoss`: the time-step strategy, noise injection and weighted loss around a model.
+
+    loss_fn = DiffusionLoss(NoiseSchedule.linear(), strategy="speed", seed=0)
+    x_t, t = loss_fn.noise(x0)          # t from the strategy, eps from the counter-based RNG
+    loss = loss_fn.loss(model(x_t, t), x0, t)   # the same eps, regenerated, never stored
+    loss.backward()
+
+The object owns its random stream (Philox key from `seed` and `rank`, a call counter kept in a
+device tensor) so that a restored `state_dict` continues the same stream and every backend
+(torch, triton, cpp, cuda) draws the same t and eps.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from . import strategies as _strategies
+from .backends import KNOWN as KNOWN_BACKENDS
+from .backends import select
+from .rng import fold_key
+from .tables import ROW_CDF, ROW_WEIGHT, build_tables, sampling_row, target_code, weight_row
+
+
+def _resolve(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class DiffusionLoss:
+    """Weighted diffusion loss with strategy-driven time-step sampling.
+
+    Args:
+        schedule: a `NoiseSchedule`.
+        strategy: a name of `speed_kernels.strategies` or a strategy object.
+        prediction: what the model predicts: "eps", "v" or "x0".
+        learn_sigma: the model outputs 2C channels (prediction, variance values) and the loss
+            is DiT's hybrid: weights[t] * MSE + the VLB term with the model mean detached.
+        backend: "auto", "triton", "cuda", "cpp" or "torch" (the plain-PyTorch reference).
+        seed: 64-bit seed of the random stream (None: drawn from torch's global generator).
+        rank: distributed rank, folded into the key so each rank has its own stream.
+        auto_update: let `loss()` feed per-sample losses to a dynamic strategy (importance
+            sampling). Distributed trainers set False and call `update_strategy` with gathered
+            losses.
+        check_inputs: validate a given t's range (one host sync). Off for CUDA-graph capture.
+        strategy_params: keyword arguments for `strategies.get` when `strategy` is a name.
+    """
+
+    def __init__(
+        self,
+        schedule,
+        strategy="speed",
+        prediction: str = "eps",
+        learn_sigma: bool = False,
+        backend: str = "auto",
+        seed: int | None = None,
+        rank: int = 0,
+        auto_update: bool = True,
+        check_inputs: bool = True,
+        strategy_params: dict | None = None,
+    ):
+        self.schedule = schedule
+        if isinstance(strategy, str):
+            strategy = _strategies.get(strategy, **(strategy_params or {}))
+        elif strategy_params:
+            raise ValueError("strategy_params only go with a strategy given by name")
+        self.strategy = strategy
+        self.target = target_code(prediction)
+        self.prediction = prediction
+        self.learn_sigma = bool(learn_sigma)
+        self.backend_name = backend
+        if backend not in KNOWN_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known: {', '.join(KNOWN_BACKENDS)}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.k0, self.k1 = fold_key(self.seed, self.rank)
+        self.auto_update = auto_update
+        self.check_inputs = check_inputs
+        self.step = 0  # noise calls made: the training step that dynamic strategies follow
+        self._call_start = 0
+        self._call: torch.Tensor | None = None
+        self._tables: dict[torch.device, torch.Tensor] = {}
+        self._host_tables = self._build_host_tables()
+        self.pivot = int(self.strategy.pivot(schedule)) if self.strategy.mirror else 0
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- tables
+    def _build_host_tables(self) -> torch.Tensor:
+        probs = self.strategy.probs(self.schedule, step=self.step)
+        weights = self.strategy.weights(self.schedule, prediction=self.prediction)
+        return build_tables(self.schedule, probs, weights, self.prediction, self.learn_sigma)
+
+    @property
+    def T(self) -> int:
+        return self._host_tables.shape[1]
+
+    @property
+    def probs_table(self) -> torch.Tensor:
+        """float64 [T]: the strategy's sampling distribution (before any mirroring)."""
+        return torch.as_tensor(self.strategy.probs(self.schedule, step=self.step), dtype=torch.float64)
+
+    @property
+    def weights_table(self) -> torch.Tensor:
+        """float64 [T]: the weight of the MSE term at each t for this prediction target."""
+        return torch.as_tensor(self.strategy.weights(self.schedule, prediction=self.prediction), dtype=torch.float64)
+
+    def tables(self, device) -> torch.Tensor:
+        """The float32 [NUM_ROWS, T] kernel table on `device` (created once, updated in place)."""
+        device = _resolve(device)
+        tab = self._tables.get(device)
+        if tab is None:
+            tab = self._host_tables.to(device)
+            self._tables[device] = tab
+        return tab
+
+    def refresh_tables(self) -> None:
+        """Recompute the strategy's rows and copy them in place into every device table
+        (dynamic strategies; call outside a captured CUDA graph)."""
+        probs = self.strategy.probs(self.schedule, step=self.step)
+        weights = self.strategy.weights(self.schedule, prediction=self.prediction)
+        self._host_tables[ROW_CDF] = sampling_row(probs, self.T)
+        self._host_tables[ROW_WEIGHT] = weight_row(weights, self.T)
+        for tab in self._tables.values():
+            tab[ROW_CDF].copy_(self._host_tables[ROW_CDF], non_blocking=True)
+            tab[ROW_WEIGHT].copy_(self._host_tables[ROW_WEIGHT], non_blocking=True)
+
+    def _counter(self, device) -> torch.Tensor:
+        """The device tensor holding the index of the next noise call (moves with the data)."""
+        device = _resolve(device)
+        if self._call is None:
+            self._call = torch.full((1,), self._call_start, dtype=torch.int64, device=device)
+        elif self._call.device != device:
+            self._call = self._call.to(device)
+        return self._call
+
+    def backend(self, device):
+        """The backend object that runs on `device`."""
+        return select(self.backend_name, torch.device(device))
+
+    # ----------------------------------------------------------------- checks
+    def _check_x0(self, x0) -> None:
+        if not isinstance(x0, torch.Tensor):
+            raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
+        if not x0.is_floating_point():
+            raise TypeError(f"x0 must be a floating-point tensor, got {x0.dtype}")
+        if x0.dim() < 2:
+            raise ValueError(f"x0 must have a batch and a channel dimension, got shape {tuple(x0.shape)}")
+        if x0.shape[0] == 0 or x0.numel() == 0:
+            raise ValueError(f"x0 is empty: shape {tuple(x0.shape)}")
+
+    def _check_t(self, t, x0) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"t must be an int64 tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"t must be an integer tensor, got {t.dtype}")
+        if t.shape != (x0.shape[0],):
+            raise ValueError(f"t must have shape ({x0.shape[0]},) to match x0, got {tuple(t.shape)}")
+        if t.device != x0.device:
+            raise ValueError(f"t is on {t.device} but x0 is on {x0.device}")
+        if self.check_inputs:
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= self.T:
+                raise ValueError(f"t must lie in [0, {self.T - 1}], got values in [{lo}, {hi}]")
+        return t.to(torch.int64)
+
+    def _check_pred(self, pred, x0) -> None:
+        if not isinstance(pred, torch.Tensor) or not pred.is_floating_point():
+            raise TypeError("pred must be a floating-point tensor")
+        expect = list(x0.shape)
+        if self.learn_sigma:
+            expect[1] *= 2
+        if list(pred.shape) != expect:
+            hint = " (learn_sigma=True: the model must output 2C channels)" if self.learn_sigma else ""
+            raise ValueError(f"pred has shape {tuple(pred.shape)}, expected {tuple(expect)}{hint}")
+        if pred.device != x0.device:
+            raise ValueError(f"pred is on {pred.device} but x0 is on {x0.device}")
+
+    # ----------------------------------------------------------------- the ops
+    def noise(self, x0: torch.Tensor, t: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+        """(x_t, t): t drawn from the strategy (or the given t), x_t = sqrt(ab)*x0 + sqrt(1-ab)*eps
+        in x0's dtype. With `noise` given, that tensor is the eps (plain-PyTorch path, the RNG
+        counter does not move); pass the same tensor to `loss`."""
+        self._check_x0(x0)
+        if t is not None:
+            t = self._check_t(t, x0)
+        if self.strategy.dynamic:
+            self.refresh_tables()
+        tab = self.tables(x0.device)
+        if noise is not None:
+            if noise.shape != x0.shape or noise.device != x0.device:
+                raise ValueError(f"noise must match x0 in shape and device, got {tuple(noise.shape)} on {noise.device}")
+            if t is None:
+                from .rng import sample_timesteps
+
+                call = self._counter(x0.device)
+                t = sample_timesteps(x0.shape[0], tab[ROW_CDF], call, self.k0, self.k1, self.strategy.mirror, self.pivot)
+                call.add_(1)
+                self.step += 1
+            xf = x0.float() if x0.dtype != torch.float64 else x0
+            shape = (-1,) + (1,) * (x0.dim() - 1)
+            x_t = tab[0][t].to(xf.dtype).view(shape) * xf + tab[1][t].to(xf.dtype).view(shape) * noise.to(xf.dtype)
+            return x_t.to(x0.dtype), t
+        call = self._counter(x0.device)
+        mirror = bool(self.strategy.mirror) and t is None
+        x_t, t = self.backend(x0.device).noise(x0, t, tab, self.k0, self.k1, call, mirror, self.pivot)
+        self.step += 1
+        return x_t, t
+
+    def loss(self, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, reduction: str = "mean", noise=None):
+        """The weighted loss of the latest `noise` call's eps (regenerated, not stored).
+
+        reduction "mean": scalar (per-sample mean over non-batch dims, times weights[t], then the
+        batch mean, as DiT); "none": per-sample losses [B]. Float32 whatever the input dtype."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        self._check_x0(x0)
+        self._check_pred(pred, x0)
+        if not isinstance(t, torch.Tensor) or t.shape != (x0.shape[0],) or t.device != x0.device:
+            raise ValueError(f"t must be a tensor of shape ({x0.shape[0]},) on {x0.device}")
+        t = t.to(torch.int64)
+        tab = self.tables(x0.device)
+        reduce_mean = reduction == "mean"
+        if noise is not None:
+            if noise.shape != x0.shape or noise.device != x0.device:
+                raise ValueError(f"noise must match x0 in shape and device, got {tuple(noise.shape)} on {noise.device}")
+            out, terms = reference.loss(
+                pred, x0, t, tab, self.k0, self.k1, None, self.target, self.learn_sigma, reduce_mean, eps=noise
+            )
+        else:
+            if self._call is None:
+                raise RuntimeError("loss() regenerates the eps of the latest noise() call: call noise() first")
+            out, terms = self.backend(x0.device).loss(
+                pred, x0, t, tab, self.k0, self.k1, self._counter(x0.device), self.target, self.learn_sigma, reduce_mean
+            )
+        self.last_terms = {"loss": terms[0] + terms[1], "mse": terms[0], "vb": terms[1]}
+        self.last_t = t
+        if self.strategy.dynamic and self.auto_update:
+            self.update_strategy(t, self.unweighted_losses(t, terms))
+        return out
+
+    def unweighted_losses(self, t: torch.Tensor, terms: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample losses without the strategy weight (what loss-aware samplers learn from)."""
+        if terms is None:
+            terms = torch.stack([self.last_terms["mse"], self.last_terms["vb"]])
+        w = self.tables(t.device)[ROW_WEIGHT][t]
+        mse = torch.where(w > 0, terms[0] / w.clamp(min=1e-30), torch.zeros_like(w))
+        return mse + terms[1]
+
+    def update_strategy(self, t: torch.Tensor, per_sample_losses: torch.Tensor) -> None:
+        """Feed (t, loss) pairs to a dynamic strategy and refresh the device tables in place."""
+        self.strategy.update(t, per_sample_losses)
+        if self.strategy.dynamic:
+            self.refresh_tables()
+
+    def __call__(self, model, x0: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """noise → model(x_t, t, **model_kwargs) → weighted loss (batch mean)."""
+        x_t, t = self.noise(x0)
+        return self.loss(model(x_t, t, **model_kwargs), x0, t)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        call = int(self._call.item()) if self._call is not None else self._call_start
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "call": call,
+            "step": self.step,
+            "strategy": self.strategy.name,
+            "strategy_state": self.strategy.state_dict(),
+            "prediction": self.prediction,
+            "learn_sigma": self.learn_sigma,
+            "T": self.T,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "call", "step", "strategy_state"):
+            if key not in state:
+                raise ValueError(f"state_dict is missing {key!r}")
+        if state.get("T", self.T) != self.T:
+            raise ValueError(f"state_dict is for T={state['T']}, this loss has T={self.T}")
+        if state.get("strategy", self.strategy.name) != self.strategy.name:
+            raise ValueError(f"state_dict is for strategy {state['strategy']!r}, this loss runs {self.strategy.name!r}")
+        self.seed = int(state["seed"])
+        self.rank = int(state.get("rank", self.rank))
+        self.k0, self.k1 = fold_key(self.seed, self.rank)
+        self.step = int(state["step"])
+        self._call_start = int(state["call"])
+        if self._call is not None:
+            self._call.fill_(self._call_start)
+        self.strategy.load_state_dict(state["strategy_state"])
+        self.refresh_tables()
+
+    def __repr__(self) -> str:
+        try:
+            dev = self._call.device if self._call is not None else torch.device("cpu")
+            chosen = self.backend(dev).name
+        except ValueError:
+            chosen = "?"
+        return (
+            f"DiffusionLoss(strategy={self.strategy!r}, prediction={self.prediction!r}, "
+            f"learn_sigma={self.learn_sigma}, backend={self.backend_name!r} -> {chosen!r}, "
+            f"seed={self.seed}, rank={self.rank}, T={self.T})"
+        )
