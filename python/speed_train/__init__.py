@@ -1,0 +1,27 @@
+"""speed_train: the thin layer that trains DiT / U-Net denoisers with speed_kernels' DiffusionLoss.
+
+    from speed_train import TrainConfig, Trainer
+    summary = Trainer(TrainConfig(data="digits", strategy="speed", steps=2000)).run()
+
+Modules: models (DiT, U-Net, build_model), data (datasets, seeded resumable order),
+sampling (DDPM / DDIM, save_grid), trainer (TrainConfig, Trainer), cli (train / sample).
+Imports are lazy so that `speed-kernels --help` stays fast.
+"""
+__version__ = "0.1.0"
+
+_LAZY = {
+    "TrainConfig": "trainer", "Trainer": "trainer", "load_checkpoint_model": "trainer",
+    "build_model": "models", "model_names": "models", "DiT": "models", "UNet": "models",
+    "load_dataset": "data", "DataOrder": "data", "ImageData": "data",
+    "sample": "sampling", "save_grid": "sampling",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'speed_train' has no attribute {name!r}")
