@@ -15,14 +15,14 @@ from .tables import (
     LN2,
     ROW_CDF,
     ROW_LOG_BETA,
-    ROW_MODEL_OUT,
-    ROW_MODEL_XT,
     ROW_POST_LOGVAR,
     ROW_POST_X0,
     ROW_POST_XT,
     ROW_SQRT_1MAB,
     ROW_SQRT_AB,
     ROW_WEIGHT,
+    ROW_X0HAT_OUT,
+    ROW_X0HAT_XT,
 )
 
 
@@ -103,19 +103,23 @@ def loss_terms(pred, x0, t, eps, tables, target: int, learn_sigma: bool):
         return mse, torch.zeros_like(mse)
     v = pf[:, channels:]
     x_t = sab * x0f + s1mab * epsf
-    mean_true = _per_sample(tables[ROW_POST_X0], t, x0f) * x0f + _per_sample(tables[ROW_POST_XT], t, x0f) * x_t
+    c_x0 = _per_sample(tables[ROW_POST_X0], t, x0f)
+    x0_hat = _per_sample(tables[ROW_X0HAT_XT], t, x0f) * x_t + _per_sample(tables[ROW_X0HAT_OUT], t, x0f) * out.detach()
+    # Both posterior means share c_xt * x_t: their difference is c_x0 * (x0 - x0_hat), formed
+    # directly so float32 does not cancel two nearly equal means (guided-diffusion does).
+    mean_diff = c_x0 * (x0f - x0_hat)
+    mean_model = c_x0 * x0_hat + _per_sample(tables[ROW_POST_XT], t, x0f) * x_t
     logvar_true = _per_sample(tables[ROW_POST_LOGVAR], t, x0f)
     min_log = logvar_true
     max_log = _per_sample(tables[ROW_LOG_BETA], t, x0f)
     frac = (v + 1.0) / 2.0
     logvar_model = frac * max_log + (1.0 - frac) * min_log
-    mean_model = _per_sample(tables[ROW_MODEL_XT], t, x0f) * x_t + _per_sample(tables[ROW_MODEL_OUT], t, x0f) * out.detach()
     kl = 0.5 * (
         -1.0
         + logvar_model
         - logvar_true
         + torch.exp(logvar_true - logvar_model)
-        + (mean_true - mean_model).pow(2) * torch.exp(-logvar_model)
+        + mean_diff.pow(2) * torch.exp(-logvar_model)
     )
     nll = -discretized_gaussian_log_likelihood(x0f, mean_model, 0.5 * logvar_model)
     vb = torch.where(t.view(-1, *([1] * (x0.dim() - 1))) == 0, nll, kl).mean(dim=dims) / LN2

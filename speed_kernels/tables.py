@@ -20,8 +20,8 @@ ROW_POST_X0 = 4  # posterior mean coefficient of x0
 ROW_POST_XT = 5  # posterior mean coefficient of x_t
 ROW_POST_LOGVAR = 6  # clipped log posterior variance (the learned range's lower end)
 ROW_LOG_BETA = 7  # log beta_t (the learned range's upper end)
-ROW_MODEL_XT = 8  # model mean = ROW_MODEL_XT * x_t + ROW_MODEL_OUT * model output
-ROW_MODEL_OUT = 9
+ROW_X0HAT_XT = 8  # predicted x0 = ROW_X0HAT_XT * x_t + ROW_X0HAT_OUT * model output
+ROW_X0HAT_OUT = 9  # (eps: 1/sqrt(ab), -sqrt(1/ab - 1); v: sqrt(ab), -sqrt(1-ab); x0: 0, 1)
 NUM_ROWS = 10
 
 TARGETS = ("eps", "v", "x0")
@@ -34,8 +34,8 @@ ROW_NAMES = (
     "posterior_mean_coef_xt",
     "posterior_log_variance_clipped",
     "log_betas",
-    "model_mean_coef_xt",
-    "model_mean_coef_out",
+    "x0_from_xt",
+    "x0_from_out",
 )
 
 
@@ -101,9 +101,9 @@ def build_tables(
         rows[ROW_POST_XT] = c_xt
         rows[ROW_POST_LOGVAR] = post_logvar
         rows[ROW_LOG_BETA] = torch.log(betas)
-        rows[ROW_MODEL_XT] = c_x0 * a + c_xt
-        rows[ROW_MODEL_OUT] = c_x0 * b
-        for r in (ROW_POST_X0, ROW_POST_XT, ROW_POST_LOGVAR, ROW_LOG_BETA, ROW_MODEL_XT, ROW_MODEL_OUT):
+        rows[ROW_X0HAT_XT] = a
+        rows[ROW_X0HAT_OUT] = b
+        for r in (ROW_POST_X0, ROW_POST_XT, ROW_POST_LOGVAR, ROW_LOG_BETA, ROW_X0HAT_XT, ROW_X0HAT_OUT):
             if not torch.isfinite(rows[r]).all():
                 bad = int((~torch.isfinite(rows[r])).nonzero()[0])
                 raise ValueError(
