@@ -7,12 +7,14 @@ tables on the host:
 - ``weights(schedule, prediction="eps")``: the loss weight of a sample at t, on the MSE of the
   prediction target ("eps", "v" or "x0").
 
-Conventions for the prediction target. Unless a strategy says otherwise its weight is defined on
-the ε MSE, and the "v" and "x0" tables express the *same objective* on the target's MSE. For a
-fixed x_t the errors are related by ‖x0̂ - x0‖² = ‖ε̂ - ε‖²/SNR_t and ‖v̂ - v‖² = ‖ε̂ - ε‖²/ᾱ_t,
-so w_x0 = w_ε·SNR_t and w_v = w_ε·ᾱ_t (= w_ε·SNR_t/(1 + SNR_t)). Min-SNR's three published forms
-follow this rule. SpeeD (both variants) keeps the same table for every target, as its official
-code does for x0 (its CAW multiplies whatever MSE the model is trained on).
+Conventions for the prediction target. A weight of 1 (uniform, the re-sampling strategies,
+importance sampling) means the plain MSE of whatever target is trained. Weightings published as a
+formula on the ε MSE (P2, SpeeD v1's P2 weights) give for "v" and "x0" the *same objective*
+expressed on the target's MSE: for a fixed x_t, ‖x0̂ - x0‖² = ‖ε̂ - ε‖²/SNR_t and
+‖v̂ - v‖² = ‖ε̂ - ε‖²/ᾱ_t, so w_x0 = w_ε·SNR_t and w_v = w_ε·ᾱ_t (= w_ε·SNR_t/(1 + SNR_t)).
+Min-SNR's three published forms follow this rule; EDM's λ(σ) is converted from the x0 error the
+same way. SpeeD (both variants) keeps the same table for every target, as its official code does
+for x0 (its CAW multiplies whatever MSE the model is trained on).
 
 Registry: :func:`get` (unknown name → ``ValueError`` listing the known names), :func:`names`,
 :func:`combine` (sampling table of one strategy, weighting table of another). ``get("a+b")`` is
@@ -168,10 +170,9 @@ class Strategy:
         return np.full(schedule.T, 1.0 / schedule.T)
 
     def _weights(self, schedule: NoiseSchedule, prediction: str) -> np.ndarray:
-        return _eps_to_target(self._weights_eps(schedule), schedule, prediction)
-
-    def _weights_eps(self, schedule: NoiseSchedule) -> np.ndarray:
+        """Weight 1: the plain MSE of whatever target is trained (override for other weightings)."""
         return np.ones(schedule.T)
+
 
     def pivot(self, schedule: NoiseSchedule) -> int:
         """The official SpeeD mirror pivot m = argmax(∂_t √(1-ᾱ_t) < 1e-4) + 1 (642 on linear);
@@ -205,6 +206,16 @@ class Strategy:
             flags.append("dynamic")
         fl = f" [{', '.join(flags)}]" if flags else ""
         return f"Strategy({self.name!r}{', ' + ps if ps else ''}){fl}"
+
+
+class _EpsWeighting(Strategy):
+    """A weighting defined on the ε MSE (``_weights_eps``), converted to the target's MSE."""
+
+    def _weights(self, schedule: NoiseSchedule, prediction: str) -> np.ndarray:
+        return _eps_to_target(self._weights_eps(schedule), schedule, prediction)
+
+    def _weights_eps(self, schedule: NoiseSchedule) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 class Uniform(Strategy):
@@ -294,7 +305,7 @@ class SpeeD(Strategy):
         return speed_caw(schedule, self.lam, tau if self.variant == "code" else None)
 
 
-class SpeeDV1(Strategy):
+class SpeeDV1(_EpsWeighting):
     """SpeeD's first public release (SpeeDiT): p_t ∝ tanh(1e6·(∂_t√(1-ᾱ_t) - 1e-4)) + 1.5 (≈2.5 before
     the pivot m, ≈0.5 after: ratio 5), the mirrored half batch, and P2 weights with k = 1, γ = 1
     (w = 1/(1 + SNR) = 1 - ᾱ_t on the ε MSE). For v / x0 the P2 objective is expressed on the
@@ -313,7 +324,7 @@ class SpeeDV1(Strategy):
 
 
 # ---------------------------------------------------------------------------- weightings
-class P2(Strategy):
+class P2(_EpsWeighting):
     """P2 weighting (Choi et al. 2022, guided-diffusion's P2 code): w = 1/(k + SNR_t)^γ on the ε MSE,
     uniform sampling. For v / x0 the same objective on the target's MSE (×ᾱ_t, ×SNR_t). k = 0 on a
     zero-terminal-SNR schedule divides by SNR = 0 and is a ``ValueError``."""
@@ -368,6 +379,14 @@ def _log_sigma_boundaries(log_sigma: np.ndarray) -> np.ndarray:
     return np.concatenate([[-np.inf], mids, [np.inf]])
 
 
+def _normal_cell_mass(z: np.ndarray) -> np.ndarray:
+    """Standard normal mass of the cells [z_i, z_{i+1}) (z increasing), accurate in both tails:
+    cells above 0 use the survival function, so tiny upper-tail masses do not round to 0."""
+    lo, hi = z[:-1], z[1:]
+    upper = lo > 0
+    return np.where(upper, ndtr(-lo) - ndtr(-hi), ndtr(hi) - ndtr(lo))
+
+
 class LogNormal(Strategy):
     """EDM's log-normal noise-level density (Karras et al. 2022) on the discrete steps:
     ln σ ~ N(p_mean, p_std²) with σ_t = √((1-ᾱ_t)/ᾱ_t). Step t gets the normal mass of the log-σ
@@ -395,7 +414,7 @@ class LogNormal(Strategy):
         with np.errstate(divide="ignore"):
             log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))
         z = (_log_sigma_boundaries(log_sigma) - self.params["p_mean"]) / self.params["p_std"]
-        return np.diff(ndtr(z))
+        return _normal_cell_mass(z)
 
     def _weights(self, schedule, prediction):
         T = schedule.T
@@ -469,7 +488,7 @@ class LogitNormal(Strategy):
         u = np.arange(T + 1, dtype=np.float64) / T
         with np.errstate(divide="ignore"):
             logit = np.log(u) - np.log1p(-u)
-        return np.diff(ndtr((logit - self.params["mean"]) / self.params["std"]))
+        return _normal_cell_mass((logit - self.params["mean"]) / self.params["std"])
 
 
 class Importance(Strategy):
@@ -551,6 +570,8 @@ class Importance(Strategy):
 
     def _weights(self, schedule, prediction):
         p = self._current(schedule.T)
+        if not self.warmed_up():
+            return np.ones(schedule.T)
         p = p / p.sum()
         if np.any(p <= 0):
             raise ValueError("importance: a step has probability 0 (uniform_prob = 0 and a zero loss history); "
