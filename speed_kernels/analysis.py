@@ -300,7 +300,9 @@ def plot_analysis(schedule: NoiseSchedule, summaries: Sequence[Dict[str, Any]], 
     fig.suptitle(title, fontsize=13, fontweight="bold", y=0.995)
 
     def peak(x):
-        m = np.max(np.abs(x))
+        # normalise by the largest value before τ: the last steps of a capped schedule (cosine's
+        # β ≤ 0.999) have one-step artefacts that would otherwise flatten the whole curve
+        m = np.max(np.abs(x[: max(area["tau"], 2)]))
         return m if m > 0 else 1.0
 
     ax = axes[0]
@@ -312,7 +314,7 @@ def plot_analysis(schedule: NoiseSchedule, summaries: Sequence[Dict[str, Any]], 
     ax.set_ylabel("normalised to peak")
     ax.set_title("Process increment δ = x(t+1) − x(t) | x0  (Theorem 1)", loc="left", fontsize=11)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, framealpha=0.9)
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.15)
 
     ax = axes[1]
     _shade(ax, area)
@@ -323,6 +325,8 @@ def plot_analysis(schedule: NoiseSchedule, summaries: Sequence[Dict[str, Any]], 
             label=f"∂t variance  (peak {peak(var_r):.2e})")
     ax.annotate(f"t_ad = {area['t_ad']}\n(variance peaks)", xy=(area["t_ad"], 0), xytext=(area["t_ad"] + 0.04 * T, 0.55),
                 fontsize=9, arrowprops=dict(arrowstyle="->", color="0.3"))
+    lo = min(-0.1, float(np.min(-mean_r[: area["tau"]] / peak(mean_r))), float(np.min(var_r[: area["tau"]] / peak(var_r))))
+    ax.set_ylim(max(lo, -1.1) - 0.05, 1.1)
     ax.set_ylabel("normalised to peak")
     ax.set_title("Rates of change: acceleration (variance grows) → deceleration (it shrinks)", loc="left", fontsize=11)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, framealpha=0.9)
@@ -352,14 +356,19 @@ def plot_analysis(schedule: NoiseSchedule, summaries: Sequence[Dict[str, Any]], 
         ls = styles[i % len(styles)]
         lw = 2.4 if i == 0 else 1.8
         share = sm["share"]
-        lab = (f"{sm['label']}: {100 * share['acceleration']:.0f}% / {100 * share['deceleration']:.0f}% / "
+        name = sm["label"] + (f" @ step {sm['step']}" if sm["dynamic"] else "")
+        lab = (f"{name}: {100 * share['acceleration']:.0f}% / {100 * share['deceleration']:.0f}% / "
                f"{100 * share['convergence']:.0f}%")
         if sm["mirror"]:
-            ax_p.plot(t, sm["probs"], color=c, lw=1.0, ls=":", alpha=0.9, label=f"{sm['label']}: drawn (before mirror)")
+            ax_p.plot(t, sm["probs"], color=c, lw=1.0, ls=":", alpha=0.9, label=f"{name}: drawn (before mirror)")
             lab += f"  (effective, mirror at {sm['pivot']})"
         ax_p.plot(t, sm["probs_effective"], color=c, lw=lw, ls=ls, label=lab)
         wb, wa = sm["weight_before_tau"], sm["weight_from_tau"]
-        wl = f"{sm['label']}: t<τ [{wb[0]:.3g}, {wb[1]:.3g}] peak at {sm['weight_argmax_before_tau']}" if wb else sm["label"]
+        wl = name
+        if wb:
+            wl += f": t<τ [{wb[0]:.3g}, {wb[1]:.3g}]"
+            if wb[1] > wb[0]:
+                wl += f" peak at {sm['weight_argmax_before_tau']}"
         if wa:
             wl += f"; t≥τ [{wa[0]:.3g}, {wa[1]:.3g}]"
         ax_w.plot(t, sm["weights"], color=c, lw=lw, ls=ls, label=wl)
