@@ -1,0 +1,140 @@
+"""Noise op: draw t (inverse CDF of the strategy's table, optional SpeeD mirror, or a given t),
+draw eps from Philox (never stored), write x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps and t.
+
+One launch, flat grid over (sample, chunk): program p handles elements
+[c*BLOCK, (c+1)*BLOCK) of sample b = p // n_chunks. Every program of a sample recomputes its t
+(one Philox call and a ~10-step search of a table that sits in L1/L2): cheaper than a second
+launch or a grid-wide dependency. The call counter is read from the device tensor `call` inside
+the kernel and advanced with `call.add_(1)` after the launch, so nothing syncs with the host and
+a captured CUDA graph draws fresh numbers on every replay.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..tables import NUM_ROWS, ROW_CDF, ROW_SQRT_1MAB, ROW_SQRT_AB
+from . import philox as P
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def block_config(n: int) -> tuple[int, int]:
+    """(BLOCK elements per program, num_warps) for n elements per sample. 2048 elements = 512
+    Philox groups per program keeps enough programs in flight at DiT-latent sizes (256 samples x
+    2 chunks of 4x32x32) and amortises the per-program t search at large ones.
+    SPEED_TRITON_BLOCK overrides it (benchmark sweeps)."""
+    cap = int(os.environ.get("SPEED_TRITON_BLOCK", "2048"))
+    block = max(64, min(cap, triton.next_power_of_2(max(n, 1))))
+    warps = 4 if block <= 2048 else 8
+    return block, warps
+
+
+@triton.jit
+def _eps_tile(grp, lane, b, call_u32, key0, key1):
+    """eps of a [G, 4] tile: rows are Philox groups, columns the four Box-Muller lanes."""
+    n0, n1, n2, n3 = P.normal4(P.as_u32(grp), b, call_u32, key0, key1)
+    return tl.where(
+        lane == 0,
+        n0[:, None],
+        tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None])),
+    )
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "pivot", "n_draw"])
+def _noise_kernel(
+    x0_ptr, xt_ptr, t_out_ptr, t_in_ptr, tab_ptr, call_ptr,
+    k0, k1, pivot, n_draw, n, n_chunks, T,
+    HAS_T: tl.constexpr, MIRROR: tl.constexpr, NITER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    G: tl.constexpr = BLOCK // 4
+    pid = tl.program_id(0)
+    b = pid // n_chunks
+    c = pid % n_chunks
+    # 64-bit element offsets: the batch may hold more than 2^31 elements.
+    grp = c.to(tl.int64) * G + tl.arange(0, G).to(tl.int64)
+    lane = tl.arange(0, 4)[None, :]
+    j = grp[:, None] * 4 + lane
+    mask = j < n
+    base = b.to(tl.int64) * n
+    # Issue the x0 load first: its latency overlaps the Philox rounds and the t search.
+    x = tl.load(x0_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
+
+    key0 = k0.to(tl.uint32, bitcast=True)
+    key1 = k1.to(tl.uint32, bitcast=True)
+    call_u32 = P.as_u32(tl.load(call_ptr))
+    eps = _eps_tile(grp, lane, b, call_u32, key0, key1)
+
+    if HAS_T:
+        t = tl.load(t_in_ptr + b)
+    else:
+        if MIRROR:
+            src = tl.where(b < n_draw, b, b - n_draw)
+        else:
+            src = b
+        u = P.timestep_uniform(src, call_u32, key0, key1)
+        t = P.inverse_cdf(tab_ptr + ROW_CDF * T, u, T, NITER).to(tl.int64)
+        if MIRROR:
+            t = tl.where(b < n_draw, t, tl.abs(t - pivot))
+    sab = tl.load(tab_ptr + ROW_SQRT_AB * T + t)
+    s1mab = tl.load(tab_ptr + ROW_SQRT_1MAB * T + t)
+    xt = sab * x + s1mab * eps
+    tl.store(xt_ptr + base + j, xt.to(xt_ptr.dtype.element_ty), mask=mask)
+    tl.store(t_out_ptr + b, t, mask=c == 0)
+
+
+def check_common(x0: torch.Tensor, tables: torch.Tensor, call: torch.Tensor, name: str = "x0") -> None:
+    """Host-side metadata checks shared by both ops (no device sync)."""
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x0).__name__}")
+    if x0.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} dtype {x0.dtype} is not supported by the triton backend "
+            "(float32, float16, bfloat16; use backend='torch' for float64)"
+        )
+    if x0.dim() < 1 or x0.shape[0] == 0:
+        raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(x0.shape)}")
+    if tables.dim() != 2 or tables.shape[0] != NUM_ROWS or tables.dtype != torch.float32:
+        raise ValueError(
+            f"tables must be float32 [{NUM_ROWS}, T], got {tables.dtype} {tuple(tables.shape)}"
+        )
+    if tables.device != x0.device:
+        raise ValueError(f"tables are on {tables.device}, {name} on {x0.device}")
+    if call.dtype != torch.int64 or call.numel() != 1:
+        raise ValueError(f"call must be an int64 tensor with one element, got {call.dtype} {tuple(call.shape)}")
+    if call.device != x0.device:
+        raise ValueError(f"call counter is on {call.device}, {name} on {x0.device}")
+
+
+def check_t(t: torch.Tensor, batch: int, device, name: str = "t") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name} must be int64 [{batch}], got {t.dtype} {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, x0 on {device}")
+
+
+def noise_launch(x0, t_in, tables, k0, k1, call, mirror, pivot):
+    """Launch the noise kernel; returns (x_t, t) and advances `call` (device-side add)."""
+    x0c = x0.contiguous()  # non-contiguous input: one copy here, documented
+    tab = tables.contiguous()
+    batch = x0c.shape[0]
+    n = x0c.numel() // batch
+    T = tab.shape[1]
+    x_t = torch.empty_like(x0c)
+    t = torch.empty(batch, dtype=torch.int64, device=x0c.device)
+    block, warps = block_config(n)
+    n_chunks = max(1, triton.cdiv(n, block))  # n == 0 still launches one program per sample for t
+    n_draw = batch // 2 + 1 if mirror else batch
+    _noise_kernel[(batch * n_chunks,)](
+        x0c, x_t, t, t_in if t_in is not None else t, tab, call,
+        P.split_key(k0), P.split_key(k1), int(pivot), n_draw, n, n_chunks, T,
+        HAS_T=t_in is not None, MIRROR=bool(mirror) and t_in is None,
+        NITER=T.bit_length(), BLOCK=block, num_warps=warps,
+    )
+    call.add_(1)
+    return x_t, t
