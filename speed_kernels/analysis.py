@@ -476,13 +476,19 @@ def _format_table(schedule: NoiseSchedule, area: Dict[str, Any], summaries: List
 def _run_analyze(args: argparse.Namespace) -> int:
     schedule = make_schedule(args.schedule, args.T, args.zero_snr)
     area = areas(schedule)
-    names = list(args.strategy) if args.strategy else ["uniform", "speed"]
+    entries = list(args.strategy) if args.strategy else ["uniform", "speed"]
     from speed_kernels import strategies as S
 
-    params = _parse_params(args.param or [], names)
+    names, inline = [], []
+    for e in entries:  # NAME or NAME:KEY=VALUE,KEY=VALUE
+        n, _, rest = e.partition(":")
+        names.append(n)
+        inline.append(_parse_params([f"{kv}" for kv in rest.split(",") if kv], [n])[n] if rest else {})
+    params = _parse_params(args.param or [], list(dict.fromkeys(names)))
     summaries = []
-    for n in names:
-        st = S.get(n, **params[n]) if params[n] else S.get(n)
+    for n, own in zip(names, inline):
+        kw = {**params[n], **own}
+        st = S.get(n, **kw) if kw else S.get(n)
         summaries.append(strategy_summary(st, schedule, step=args.step, prediction=args.prediction,
                                           batch_size=args.batch_size))
     if args.plot:
@@ -519,8 +525,8 @@ def add_analyze_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--T", type=int, default=1000, help="number of diffusion steps (default 1000)")
     p.add_argument("--zero-snr", action="store_true", help="rescale the schedule to zero terminal SNR")
     p.add_argument("--strategy", action="append", metavar="NAME",
-                   help="strategy to show (repeatable; 'a+b' combines a's sampling with b's weights); "
-                        "default: uniform and speed")
+                   help="strategy to show, NAME or NAME:KEY=VALUE,KEY=VALUE (repeatable, so variants can be "
+                        "compared; 'a+b' combines a's sampling with b's weights); default: uniform and speed")
     p.add_argument("--param", action="append", metavar="[STRATEGY:]KEY=VALUE",
                    help="strategy parameter, e.g. k=5 or speed:tau=auto (repeatable; without a prefix it "
                         "applies to every chosen strategy)")

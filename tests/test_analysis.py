@@ -149,5 +149,16 @@ def test_cli_errors(capsys):
     assert rc == 2
     rc, _ = run_cli(["analyze", "--strategy", "speed", "--param", "p2:k=3"], capsys)
     assert rc == 2
+    rc, _ = run_cli(["analyze", "--strategy", "speed:k", "--json"], capsys)
+    assert rc == 2
+
+
+def test_cli_inline_params_compare_variants(capsys):
+    rc, out = run_cli(["analyze", "--strategy", "speed", "--strategy", "speed:variant=paper,k=2", "--json"], capsys)
+    assert rc == 0
+    d = json.loads(out)
+    a, b = d["strategies"]
+    assert a["params"]["variant"] == "code" and a["mirror"]
+    assert b["params"]["variant"] == "paper" and b["params"]["k"] == 2 and not b["mirror"]
     with pytest.raises(ValueError, match="schedule"):
         A.make_schedule("sigmoid")
