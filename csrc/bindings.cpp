@@ -1,0 +1,84 @@
+// Registration of the ops in the `speed_kernels` torch library and the `speed_kernels._C` Python module.
+//
+// Ops (the Python side, speed_kernels/_ext.py, adds fake kernels for torch.compile and autograd):
+//   noise(x0, t_in?, tables, k0, k1, call!, mirror, pivot) -> (x_t, t)          advances call by one
+//   loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, with_grad)
+//        -> (loss, terms [2, B], grad)   grad = d loss / d pred (empty when with_grad is false)
+//   loss_backward(grad_loss [B], pred, x0, t, tables, k0, k1, call, target, learn_sigma) -> grad
+// `call` is the device counter: noise uses its value and increments it; loss uses call - 1.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+#include "philox.h"
+
+namespace sk = speed_kernels;
+
+TORCH_LIBRARY(speed_kernels, m) {
+  m.def(
+      "noise(Tensor x0, Tensor? t_in, Tensor tables, int k0, int k1, Tensor(a!) call, bool mirror, int pivot)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "loss(Tensor pred, Tensor x0, Tensor t, Tensor tables, int k0, int k1, Tensor call, int target,"
+      " bool learn_sigma, bool reduce_mean, bool with_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "loss_backward(Tensor grad_loss, Tensor pred, Tensor x0, Tensor t, Tensor tables, int k0, int k1,"
+      " Tensor call, int target, bool learn_sigma) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(speed_kernels, CPU, m) {
+  m.impl("noise", &sk::noise_cpu);
+  m.impl("loss", &sk::loss_cpu);
+  m.impl("loss_backward", &sk::loss_backward_cpu);
+}
+
+#ifdef SPEED_KERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(speed_kernels, CUDA, m) {
+  m.impl("noise", &sk::noise_cuda);
+  m.impl("loss", &sk::loss_cuda);
+  m.impl("loss_backward", &sk::loss_backward_cuda);
+}
+#endif
+
+namespace {
+
+bool has_cuda() {
+#ifdef SPEED_KERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Known-answer helper: the four output words of Philox4x32-10 for a counter and key.
+std::vector<int64_t> philox4x32(int64_t c0, int64_t c1, int64_t c2, int64_t c3, int64_t k0, int64_t k1) {
+  const sk::PhiloxOut o = sk::philox4x32_10(static_cast<uint32_t>(c0), static_cast<uint32_t>(c1),
+                                            static_cast<uint32_t>(c2), static_cast<uint32_t>(c3),
+                                            static_cast<uint32_t>(k0), static_cast<uint32_t>(k1));
+  return {o.w0, o.w1, o.w2, o.w3};
+}
+
+std::pair<int64_t, int64_t> fold_key(uint64_t seed, uint64_t rank) {
+  uint32_t k0, k1;
+  sk::fold_key(seed, rank, k0, k1);
+  return {k0, k1};
+}
+
+// The four normals of one element group (the CPU header path), for tests of the conversion.
+std::vector<float> group_normals(int64_t g, int64_t sample, int64_t call, int64_t k0, int64_t k1) {
+  float out[4];
+  sk::group_normals(static_cast<uint32_t>(g), static_cast<uint32_t>(sample), static_cast<uint32_t>(call),
+                    static_cast<uint32_t>(k0), static_cast<uint32_t>(k1), out);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "speed-kernels compiled ops (registered as torch.ops.speed_kernels.*) and helpers";
+  m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
+  m.def("philox4x32", &philox4x32, "Philox4x32-10 output words for counter (c0..c3) and key (k0, k1)");
+  m.def("fold_key", &fold_key, "(k0, k1) of seed ^ (rank * golden ratio)");
+  m.def("group_normals", &group_normals, "the four normals of element group g (C++ header path)");
+  m.attr("cpu_avx2") = py::bool_(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+}

@@ -1,0 +1,396 @@
+// CPU kernels of the noise op and the loss op (the `cpp` backend).
+//
+// Work is split over the batch with at::parallel_for; inside a sample, elements are processed in
+// chunks of CHUNK = 64 (16 Philox groups): one loop generates the 64 normals into a stack buffer
+// (Philox, uniform, Box-Muller: all branch-free, so GCC vectorises it), the next loops consume
+// them. The row loops are compiled twice (generic x86-64 and AVX2+FMA) and picked at run time, so
+// a wheel built anywhere is both portable and fast. Per-sample sums are accumulated in 8 float
+// lanes per chunk and in double across chunks, in a fixed order: results are deterministic and do
+// not depend on the thread count.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "ops.h"
+#include "philox.h"
+#include "vlb.h"
+
+namespace speed_kernels {
+namespace {
+
+constexpr int64_t GROUPS = 16;
+constexpr int64_t CHUNK = GROUPS * 4;
+constexpr double LN2 = 0.69314718055994530942;
+
+#if defined(__GNUC__)
+#define SK_INLINE inline __attribute__((always_inline))
+#else
+#define SK_INLINE inline
+#endif
+
+template <typename T>
+SK_INLINE float load(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+template <typename T>
+SK_INLINE void store(T* p, int64_t i, float v) {
+  p[i] = static_cast<T>(v);
+}
+
+// The 64 normals of chunk starting at element group g0 of a sample.
+SK_INLINE void eps_chunk(uint32_t g0, uint32_t sample, uint32_t call, uint32_t k0, uint32_t k1,
+                         float* __restrict out) {
+  float u0[GROUPS], u1[GROUPS], u2[GROUPS], u3[GROUPS];
+  for (int64_t g = 0; g < GROUPS; ++g) {
+    const PhiloxOut w = philox4x32_10(g0 + static_cast<uint32_t>(g), sample, call, STREAM_EPS, k0, k1);
+    u0[g] = bits_to_uniform(w.w0);
+    u1[g] = bits_to_uniform(w.w1);
+    u2[g] = bits_to_uniform(w.w2);
+    u3[g] = bits_to_uniform(w.w3);
+  }
+  for (int64_t g = 0; g < GROUPS; ++g) {
+    const float r01 = __builtin_sqrtf(-2.0f * host_logf(u0[g]));
+    const float r23 = __builtin_sqrtf(-2.0f * host_logf(u2[g]));
+    float s1, c1, s3, c3;
+    host_sincosf(u1[g] * TWO_PI_F32, s1, c1);
+    host_sincosf(u3[g] * TWO_PI_F32, s3, c3);
+    out[4 * g + 0] = r01 * c1;
+    out[4 * g + 1] = r01 * s1;
+    out[4 * g + 2] = r23 * c3;
+    out[4 * g + 3] = r23 * s3;
+  }
+}
+
+struct NoiseArgs {
+  const void* x0;
+  void* xt;
+  const int64_t* t;
+  const float* sqrt_ab;
+  const float* sqrt_1mab;
+  int64_t n;  // elements per sample
+  uint32_t call, k0, k1;
+};
+
+template <typename X>
+SK_INLINE void noise_rows_body(const NoiseArgs& a, int64_t i0, int64_t i1) {
+  const X* x0 = static_cast<const X*>(a.x0);
+  X* xt = static_cast<X*>(a.xt);
+  alignas(64) float eps[CHUNK];
+  for (int64_t i = i0; i < i1; ++i) {
+    const float ca = a.sqrt_ab[a.t[i]];
+    const float cb = a.sqrt_1mab[a.t[i]];
+    const X* xi = x0 + i * a.n;
+    X* yi = xt + i * a.n;
+    for (int64_t e0 = 0; e0 < a.n; e0 += CHUNK) {
+      eps_chunk(static_cast<uint32_t>(e0 / 4), static_cast<uint32_t>(i), a.call, a.k0, a.k1, eps);
+      const int64_t m = std::min<int64_t>(CHUNK, a.n - e0);
+      // Two products and a sum, each rounded, as the reference computes x_t.
+      for (int64_t j = 0; j < m; ++j) store(yi, e0 + j, ca * load(xi, e0 + j) + cb * eps[j]);
+    }
+  }
+}
+
+struct LossArgs {
+  const void* pred;
+  const void* x0;
+  const int64_t* t;
+  const float* tables;
+  int64_t T;
+  int64_t n;            // elements per sample of x0
+  int64_t pred_stride;  // elements per sample of pred (n, or 2n with learned sigma)
+  uint32_t call, k0, k1;
+  int target;
+  bool learn_sigma;
+  float* mse;             // [B] weighted MSE per sample
+  float* vb;              // [B] VLB per sample (bits)
+  void* grad;             // pred-shaped gradient, or nullptr
+  const float* gscale;    // per-sample gradient scale (d loss / d per-sample loss), or nullptr
+  float gscale_const;     // used when gscale is nullptr
+};
+
+// Sum of 64 floats (fewer at the tail, zero-padded) in 8 independent lanes: vectorisable, fixed order.
+SK_INLINE double chunk_sum(const float* __restrict v) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t j = 0; j < CHUNK; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += v[j + l];
+  double s = 0;
+  for (int l = 0; l < 8; ++l) s += lanes[l];
+  return s;
+}
+
+template <typename P, typename X>
+SK_INLINE void loss_rows_body(const LossArgs& a, int64_t i0, int64_t i1) {
+  const P* pred = static_cast<const P*>(a.pred);
+  const X* x0 = static_cast<const X*>(a.x0);
+  P* grad = static_cast<P*>(a.grad);
+  const float* row = a.tables;
+  const int64_t T = a.T;
+  alignas(64) float eps[CHUNK];
+  alignas(64) float sq[CHUNK];
+  alignas(64) float vb[CHUNK];
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t t = a.t[i];
+    const float sab = row[ROW_SQRT_AB * T + t];
+    const float s1mab = row[ROW_SQRT_1MAB * T + t];
+    const float w = row[ROW_WEIGHT * T + t];
+    const float scale = a.gscale ? a.gscale[i] : a.gscale_const;
+    // d(per-sample loss)/d out_j = w * 2 (out_j - target_j) / n, times the reduction's scale.
+    const float g_mse = static_cast<float>(2.0 * w / static_cast<double>(a.n)) * scale;
+    const X* xi = x0 + i * a.n;
+    const P* oi = pred + i * a.pred_stride;
+    const P* vi = oi + a.n;  // variance channels (learned sigma)
+    P* go = grad ? grad + i * a.pred_stride : nullptr;
+    P* gv = go ? go + a.n : nullptr;
+    float cx0 = 0, cxt = 0, lt = 0, lmax = 0, hxt = 0, hout = 0, g_vb = 0;
+    if (a.learn_sigma) {
+      cx0 = row[ROW_POST_X0 * T + t];
+      cxt = row[ROW_POST_XT * T + t];
+      lt = row[ROW_POST_LOGVAR * T + t];
+      lmax = row[ROW_LOG_BETA * T + t];
+      hxt = row[ROW_X0HAT_XT * T + t];
+      hout = row[ROW_X0HAT_OUT * T + t];
+      // d vb / d v_j = dterm/dlm * dlm/dv / (n ln 2), dlm/dv = (lmax - lt) / 2.
+      g_vb = static_cast<float>(0.5 / (static_cast<double>(a.n) * LN2)) * (lmax - lt) * scale;
+    }
+    double sum_mse = 0, sum_vb = 0;
+    for (int64_t e0 = 0; e0 < a.n; e0 += CHUNK) {
+      eps_chunk(static_cast<uint32_t>(e0 / 4), static_cast<uint32_t>(i), a.call, a.k0, a.k1, eps);
+      const int64_t m = std::min<int64_t>(CHUNK, a.n - e0);
+      for (int64_t j = m; j < CHUNK; ++j) sq[j] = 0.0f;
+      if (a.target == 0) {
+        for (int64_t j = 0; j < m; ++j) sq[j] = load(oi, e0 + j) - eps[j];
+      } else if (a.target == 1) {
+        for (int64_t j = 0; j < m; ++j) sq[j] = load(oi, e0 + j) - (sab * eps[j] - s1mab * load(xi, e0 + j));
+      } else {
+        for (int64_t j = 0; j < m; ++j) sq[j] = load(oi, e0 + j) - load(xi, e0 + j);
+      }
+      if (go) {
+        for (int64_t j = 0; j < m; ++j) store(go, e0 + j, g_mse * sq[j]);
+      }
+      for (int64_t j = 0; j < m; ++j) sq[j] = sq[j] * sq[j];
+      sum_mse += chunk_sum(sq);
+      if (a.learn_sigma) {
+        for (int64_t j = m; j < CHUNK; ++j) vb[j] = 0.0f;
+        for (int64_t j = 0; j < m; ++j) {
+          const float x = load(xi, e0 + j);
+          const float x_t = sab * x + s1mab * eps[j];
+          const float x0_hat = hxt * x_t + hout * load(oi, e0 + j);
+          const float frac = (load(vi, e0 + j) + 1.0f) / 2.0f;
+          const float lm = frac * lmax + (1.0f - frac) * lt;
+          const VlbTerm term = t == 0 ? nll_term(x, cx0 * x0_hat + cxt * x_t, lm)
+                                      : kl_term(cx0 * (x - x0_hat), lt, lm);
+          vb[j] = term.value;
+          if (gv) store(gv, e0 + j, g_vb * term.dlm);
+        }
+        sum_vb += chunk_sum(vb);
+      }
+    }
+    a.mse[i] = static_cast<float>(sum_mse / static_cast<double>(a.n)) * w;
+    a.vb[i] = static_cast<float>(sum_vb / (static_cast<double>(a.n) * LN2));
+  }
+}
+
+// ---- ISA variants: the same bodies compiled for generic x86-64 and for AVX2+FMA ----------------
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SK_HAVE_AVX2_VARIANT 1
+template <typename X>
+__attribute__((target("avx2,fma"))) void noise_rows_avx2(const NoiseArgs& a, int64_t i0, int64_t i1) {
+  noise_rows_body<X>(a, i0, i1);
+}
+template <typename P, typename X>
+__attribute__((target("avx2,fma"))) void loss_rows_avx2(const LossArgs& a, int64_t i0, int64_t i1) {
+  loss_rows_body<P, X>(a, i0, i1);
+}
+#endif
+template <typename X>
+void noise_rows_generic(const NoiseArgs& a, int64_t i0, int64_t i1) {
+  noise_rows_body<X>(a, i0, i1);
+}
+template <typename P, typename X>
+void loss_rows_generic(const LossArgs& a, int64_t i0, int64_t i1) {
+  loss_rows_body<P, X>(a, i0, i1);
+}
+
+// SPEED_KERNELS_CPU_ISA=generic forces the portable variant (tests run both).
+bool use_avx2() {
+#ifdef SK_HAVE_AVX2_VARIANT
+  const char* env = std::getenv("SPEED_KERNELS_CPU_ISA");
+  if (env && std::strcmp(env, "generic") == 0) return false;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+template <typename X>
+void noise_rows(const NoiseArgs& a, int64_t i0, int64_t i1, bool avx2) {
+#ifdef SK_HAVE_AVX2_VARIANT
+  if (avx2) return noise_rows_avx2<X>(a, i0, i1);
+#endif
+  noise_rows_generic<X>(a, i0, i1);
+}
+template <typename P, typename X>
+void loss_rows(const LossArgs& a, int64_t i0, int64_t i1, bool avx2) {
+#ifdef SK_HAVE_AVX2_VARIANT
+  if (avx2) return loss_rows_avx2<P, X>(a, i0, i1);
+#endif
+  loss_rows_generic<P, X>(a, i0, i1);
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      return f(float{});
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    default:
+      TORCH_CHECK_TYPE(false, "unsupported dtype ", st);
+  }
+}
+
+void check_cpu(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "the cpp backend runs on CPU tensors; ", name, " is on ", x.device());
+}
+
+// Grain: samples per task, so that a task holds at least ~16K elements (thread start-up is not free).
+int64_t grain_for(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+void run_loss(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& t, const at::Tensor& tables,
+              int64_t k0, int64_t k1, const at::Tensor& call, int64_t target, bool learn_sigma, float* mse,
+              float* vb, void* grad, const float* gscale, float gscale_const) {
+  const int64_t B = x0.size(0);
+  LossArgs a{};
+  a.pred = pred.data_ptr();
+  a.x0 = x0.data_ptr();
+  a.t = t.data_ptr<int64_t>();
+  a.tables = tables.data_ptr<float>();
+  a.T = tables.size(1);
+  a.n = x0.numel() / B;
+  a.pred_stride = pred.numel() / B;
+  a.call = static_cast<uint32_t>(call.data_ptr<int64_t>()[0] - 1);  // the noise call this loss belongs to
+  a.k0 = static_cast<uint32_t>(k0);
+  a.k1 = static_cast<uint32_t>(k1);
+  a.target = static_cast<int>(target);
+  a.learn_sigma = learn_sigma;
+  a.mse = mse;
+  a.vb = vb;
+  a.grad = grad;
+  a.gscale = gscale;
+  a.gscale_const = gscale_const;
+  const bool avx2 = use_avx2();
+  dispatch_float(pred.scalar_type(), [&](auto p) {
+    using P = decltype(p);
+    dispatch_float(x0.scalar_type(), [&](auto x) {
+      using X = decltype(x);
+      at::parallel_for(0, B, grain_for(a.n), [&](int64_t i0, int64_t i1) { loss_rows<P, X>(a, i0, i1, avx2); });
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> noise_cpu(const at::Tensor& x0_in, const std::optional<at::Tensor>& t_in,
+                                             const at::Tensor& tables_in, int64_t k0, int64_t k1,
+                                             const at::Tensor& call, bool mirror, int64_t pivot) {
+  check_x0(x0_in);
+  check_cpu(x0_in, "x0");
+  check_tables(x0_in, tables_in, ROW_CDF + 1);
+  check_key(k0, k1);
+  check_call(x0_in, call);
+  const at::Tensor x0 = x0_in.contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  const int64_t B = x0.size(0);
+  const int64_t T = tables.size(1);
+  const uint32_t c = static_cast<uint32_t>(call.data_ptr<int64_t>()[0]);
+  at::Tensor t;
+  if (t_in.has_value() && t_in->defined()) {
+    check_timesteps(x0, *t_in, "t_in");
+    t = t_in->contiguous();
+    check_timestep_range_cpu(t, T, "t_in");
+  } else {
+    if (mirror) TORCH_CHECK_VALUE(pivot >= 0 && pivot < T, "pivot must be in [0, T-1] = [0, ", T - 1, "], got ", pivot);
+    t = at::empty({B}, x0.options().dtype(at::kLong));
+    const float* cdf = tables.data_ptr<float>() + ROW_CDF * T;
+    int64_t* tp = t.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B; ++i)
+      tp[i] = sample_timestep(cdf, static_cast<int32_t>(T), i, B, mirror, static_cast<int32_t>(pivot), c,
+                              static_cast<uint32_t>(k0), static_cast<uint32_t>(k1));
+  }
+  at::Tensor xt = at::empty_like(x0);
+  NoiseArgs a{};
+  a.x0 = x0.data_ptr();
+  a.xt = xt.data_ptr();
+  a.t = t.data_ptr<int64_t>();
+  a.sqrt_ab = tables.data_ptr<float>() + ROW_SQRT_AB * T;
+  a.sqrt_1mab = tables.data_ptr<float>() + ROW_SQRT_1MAB * T;
+  a.n = x0.numel() / B;
+  a.call = c;
+  a.k0 = static_cast<uint32_t>(k0);
+  a.k1 = static_cast<uint32_t>(k1);
+  const bool avx2 = use_avx2();
+  dispatch_float(x0.scalar_type(), [&](auto x) {
+    using X = decltype(x);
+    at::parallel_for(0, B, grain_for(a.n), [&](int64_t i0, int64_t i1) { noise_rows<X>(a, i0, i1, avx2); });
+  });
+  call.add_(1);
+  return {xt, t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_cpu(const at::Tensor& pred_in, const at::Tensor& x0_in,
+                                                        const at::Tensor& t_in, const at::Tensor& tables_in,
+                                                        int64_t k0, int64_t k1, const at::Tensor& call,
+                                                        int64_t target, bool learn_sigma, bool reduce_mean,
+                                                        bool with_grad) {
+  check_loss_args(pred_in, x0_in, t_in, tables_in, k0, k1, call, target, learn_sigma);
+  check_cpu(x0_in, "x0");
+  const at::Tensor pred = pred_in.contiguous(), x0 = x0_in.contiguous(), t = t_in.contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  check_timestep_range_cpu(t, tables.size(1), "t");
+  const int64_t B = x0.size(0);
+  at::Tensor terms = at::empty({2, B}, x0.options().dtype(at::kFloat));
+  at::Tensor grad = with_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
+  float* mse = terms.data_ptr<float>();
+  float* vb = mse + B;
+  // Mean reduction: d loss / d per-sample loss = 1/B, so the forward writes the final gradient.
+  run_loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, mse, vb, with_grad ? grad.data_ptr() : nullptr,
+           nullptr, reduce_mean ? static_cast<float>(1.0 / static_cast<double>(B)) : 1.0f);
+  if (!learn_sigma) std::fill(vb, vb + B, 0.0f);
+  at::Tensor loss;
+  if (reduce_mean) {
+    double s = 0;  // fixed order: deterministic
+    for (int64_t i = 0; i < B; ++i) s += static_cast<double>(mse[i]) + static_cast<double>(vb[i]);
+    loss = at::scalar_tensor(static_cast<float>(s / static_cast<double>(B)), x0.options().dtype(at::kFloat));
+  } else {
+    loss = terms[0] + terms[1];
+  }
+  return {loss, terms, grad};
+}
+
+at::Tensor loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& pred_in, const at::Tensor& x0_in,
+                             const at::Tensor& t_in, const at::Tensor& tables_in, int64_t k0, int64_t k1,
+                             const at::Tensor& call, int64_t target, bool learn_sigma) {
+  check_loss_args(pred_in, x0_in, t_in, tables_in, k0, k1, call, target, learn_sigma);
+  check_cpu(x0_in, "x0");
+  const int64_t B = x0_in.size(0);
+  check_same_device(x0_in, grad_loss_in, "grad_loss");
+  TORCH_CHECK_VALUE(grad_loss_in.numel() == B, "grad_loss must hold one value per sample (", B, "), got shape ",
+                    grad_loss_in.sizes());
+  const at::Tensor grad_loss = grad_loss_in.reshape({B}).to(at::kFloat).contiguous();
+  const at::Tensor pred = pred_in.contiguous(), x0 = x0_in.contiguous(), t = t_in.contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  check_timestep_range_cpu(t, tables.size(1), "t");
+  at::Tensor scratch = at::empty({2, B}, x0.options().dtype(at::kFloat));
+  at::Tensor grad = at::empty_like(pred);
+  run_loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, scratch.data_ptr<float>(),
+           scratch.data_ptr<float>() + B, grad.data_ptr(), grad_loss.data_ptr<float>(), 1.0f);
+  return grad;
+}
+
+}  // namespace speed_kernels
