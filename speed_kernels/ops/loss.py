@@ -238,6 +238,11 @@ def _scale_grad_kernel(grad_ptr, state_ptr, g_ptr, N, BLOCK: tl.constexpr):
         tl.store(grad_ptr + offs, (x * (g / s)).to(grad_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _set_state_kernel(state_ptr, g_ptr):
+    tl.store(state_ptr, tl.load(g_ptr).to(tl.float32))
+
+
 def check_loss_inputs(pred, x0, t, tables, call, learn_sigma: bool, target: int) -> None:
     check_common(x0, tables, call)
     if not isinstance(pred, torch.Tensor):
@@ -331,6 +336,7 @@ def scale_grad_(grad, state, grad_output):
     BLOCK = 4096
     g = grad_output.reshape(1)
     _scale_grad_kernel[(max(1, triton.cdiv(N, BLOCK)),)](grad, state, g, N, BLOCK=BLOCK, num_warps=8)
-    # Separate launch: programs of the kernel above must all read the old state first.
-    state.copy_(g)
+    # Separate launch: programs of the kernel above must all read the old state first. A kernel
+    # write (not state.copy_) leaves autograd's version counter alone: the state is saved.
+    _set_state_kernel[(1,)](state, g)
     return grad

@@ -1,0 +1,333 @@
+"""The Triton backend against the plain-PyTorch reference, on tiny shapes.
+
+Without a GPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1
+before anything imports Triton); with one, the same tests run on CUDA. Tolerances: float32 to
+rounding; float16/bfloat16 and the ill-conditioned t = 0 NLL by the design's rule: error against
+a float64 reference no worse than 2x (plus a rounding floor) the float32/eager reference's own.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from speed_kernels import reference, rng
+from speed_kernels.schedules import NoiseSchedule
+from speed_kernels.tables import ROW_SQRT_AB, TARGETS, build_tables
+
+triton = pytest.importorskip("triton")
+tb_mod = pytest.importorskip("speed_kernels.ops.triton_backend")
+from speed_kernels.ops import loss as loss_mod  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+T = 1000
+PIVOT = 642
+BACKEND = tb_mod.TritonBackend()
+KEY = rng.fold_key(0x1234_5678_9ABC_DEF0)  # k0 >= 2^31: the key words go in as bitcast int32
+
+
+def make_tables(prediction="eps", learn_sigma=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(T, generator=g, dtype=torch.float64) ** 3  # far from uniform
+    weights = torch.rand(T, generator=g, dtype=torch.float64) + 0.25
+    return build_tables(NoiseSchedule.linear(T), probs, weights, prediction, learn_sigma).to(DEV)
+
+
+def counter(v=0):
+    return torch.tensor([v], dtype=torch.int64, device=DEV)
+
+
+@pytest.fixture(params=[None, 64], ids=["block-default", "block-64"])
+def block_cap(request, monkeypatch):
+    """block-64 splits each sample into several chunks (partial sums over chunks, tails)."""
+    if request.param is not None:
+        monkeypatch.setenv("SPEED_TRITON_BLOCK", str(request.param))
+    return request.param
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_rule(ours, ref_lo, ref64, floor):
+    """|ours - ref64| <= 2 |ref_lo - ref64| + floor (the design's low-precision rule), the floor
+    raised to one unit in the last place of the output dtype at the largest value: both sides
+    round the same float32 value, and a 1-ulp float32 difference can flip that rounding."""
+    if ours.dtype in (torch.float16, torch.bfloat16):
+        floor = max(floor, torch.finfo(ours.dtype).eps * ref64.abs().max().item())
+    e, e_ref = max_err(ours, ref64), max_err(ref_lo, ref64)
+    assert e <= 2 * e_ref + floor, f"error {e:.3g} vs reference's own {e_ref:.3g} (+{floor:.1g})"
+
+
+# ----------------------------------------------------------------------------- RNG pieces
+
+
+import triton.language as tl  # noqa: E402
+
+from speed_kernels.ops import philox as P  # noqa: E402
+
+
+@triton.jit
+def _philox_probe(words_ptr, nrm_ptr, call_ptr, k0, k1, sample, N: tl.constexpr):
+    g = tl.arange(0, N).to(tl.uint32) + 0xFFFFFF00  # group indices near the uint32 top
+    key0 = k0.to(tl.uint32, bitcast=True)
+    key1 = k1.to(tl.uint32, bitcast=True)
+    call = P.as_u32(tl.load(call_ptr))
+    z = tl.zeros_like(g)
+    w0, w1, w2, w3 = P.philox4x32_10(g, z + 3, z + call, z + 1, key0, key1)
+    n0, n1, n2, n3 = P.normal4(g, sample, call, key0, key1)
+    o = tl.arange(0, N) * 4
+    tl.store(words_ptr + o, w0.to(tl.int64))
+    tl.store(words_ptr + o + 1, w1.to(tl.int64))
+    tl.store(words_ptr + o + 2, w2.to(tl.int64))
+    tl.store(words_ptr + o + 3, w3.to(tl.int64))
+    tl.store(nrm_ptr + o, n0)
+    tl.store(nrm_ptr + o + 1, n1)
+    tl.store(nrm_ptr + o + 2, n2)
+    tl.store(nrm_ptr + o + 3, n3)
+
+
+def test_philox_words_and_normals_match_contract():
+    N = 8
+    call = counter(2**32 + 7)  # the counter word is the low 32 bits of the call index
+    words = torch.zeros(4 * N, dtype=torch.int64, device=DEV)
+    nrm = torch.zeros(4 * N, device=DEV)
+    k0, k1 = KEY
+    _philox_probe[(1,)](words, nrm, call, P.split_key(k0), P.split_key(k1), 3, N)
+    g = torch.arange(N, dtype=torch.int64) + 0xFFFFFF00
+    ref = torch.stack(rng.philox4x32(g, 3, 7, rng.STREAM_EPS, k0, k1), -1).reshape(-1)
+    assert torch.equal(words.cpu(), ref)
+    u = [rng.bits_to_uniform(x) for x in rng.philox4x32(g, 3, 7, rng.STREAM_EPS, k0, k1)]
+    n01 = rng.box_muller(u[0], u[1])
+    n23 = rng.box_muller(u[2], u[3])
+    ref_n = torch.stack([n01[0], n01[1], n23[0], n23[1]], -1).reshape(-1)
+    torch.testing.assert_close(nrm.cpu(), ref_n, rtol=1e-5, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- noise op
+
+
+@pytest.mark.parametrize("mode", ["draw", "mirror", "given"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_noise_matches_reference(mode, dtype, block_cap):
+    tables = make_tables()
+    k0, k1 = KEY
+    B, shape = 7, (3, 5, 7)  # 105 elements per sample: not a multiple of 4 or of the block
+    x0 = torch.randn(B, *shape, device=DEV).to(dtype)
+    t_in = torch.tensor([0, 999, 5, 642, 1, 998, 300], device=DEV) if mode == "given" else None
+    c_ours, c_ref = counter(11), counter(11)
+    xt, t = BACKEND.noise(x0, t_in, tables, k0, k1, c_ours, mode == "mirror", PIVOT)
+    xr, tr = reference.noise(x0, t_in, tables, k0, k1, c_ref, mode == "mirror", PIVOT)
+    assert t.dtype == torch.int64 and torch.equal(t, tr)
+    assert xt.dtype == dtype and xt.shape == x0.shape
+    assert c_ours.item() == c_ref.item() == 12
+    if dtype == torch.float32:
+        torch.testing.assert_close(xt, xr, rtol=1e-5, atol=2e-6)
+    else:
+        x64, _ = reference.noise(x0.double(), tr, tables, k0, k1, counter(11), False, 0)
+        assert_rule(xt, xr, x64, floor=1e-6)
+    if mode == "mirror":
+        n_draw = B // 2 + 1
+        assert torch.equal(t[n_draw:], (t[: B - n_draw] - PIVOT).abs())
+
+
+def test_noise_fresh_per_call_and_given_t_is_copied():
+    tables = make_tables()
+    k0, k1 = KEY
+    x0 = torch.zeros(64, 1, 2, 2, device=DEV)
+    call = counter()
+    xa, ta = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
+    xb, tb = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
+    assert call.item() == 2
+    assert not torch.equal(ta, tb) and not torch.equal(xa, xb)
+    # another seed: another stream
+    xc, tc = BACKEND.noise(x0, None, tables, k0 ^ 1, k1, counter(), False, 0)
+    assert not torch.equal(ta, tc)
+    t_in = ta.clone()
+    _, t2 = BACKEND.noise(x0, t_in, tables, k0, k1, call, False, 0)
+    assert torch.equal(t2, t_in) and t2.data_ptr() != t_in.data_ptr()
+
+
+def test_noise_noncontiguous_and_differentiable_x0():
+    tables = make_tables()
+    k0, k1 = KEY
+    base = torch.randn(4, 6, 3, device=DEV)
+    x0 = base.transpose(1, 2)  # non-contiguous: made contiguous inside
+    xt, t = BACKEND.noise(x0, None, tables, k0, k1, counter(3), False, 0)
+    xr, tr = reference.noise(x0, None, tables, k0, k1, counter(3), False, 0)
+    assert torch.equal(t, tr)
+    torch.testing.assert_close(xt, xr, rtol=1e-5, atol=2e-6)
+    x0g = torch.randn(4, 2, 3, device=DEV, requires_grad=True)
+    xt, t = BACKEND.noise(x0g, None, tables, k0, k1, counter(), False, 0)
+    xt.sum().backward()
+    want = tables[ROW_SQRT_AB][t].view(-1, 1, 1).expand_as(x0g)
+    torch.testing.assert_close(x0g.grad, want)
+
+
+# ----------------------------------------------------------------------------- loss op
+
+
+def _loss_case(target, learn_sigma, dtype=torch.float32, B=6, shape=(2, 3, 5), seed=0):
+    torch.manual_seed(seed)
+    tables = make_tables(TARGETS[target], learn_sigma, seed)
+    k0, k1 = KEY
+    x0 = torch.randn(B, *shape, device=DEV).clamp(-1.2, 1.2).to(dtype)  # some pixels past +-0.999
+    call = counter(5)
+    _, t = reference.noise(x0, None, tables, k0, k1, call, False, 0)
+    t[0], t[1] = 0, 1  # the t = 0 NLL branch and its neighbour
+    c = shape[0] * (2 if learn_sigma else 1)
+    pred = torch.randn(B, c, *shape[1:], device=DEV).to(dtype)
+    return tables, x0, t, call, pred
+
+
+def _run(fn, pred, *args, grad_output):
+    p = pred.detach().clone().requires_grad_()
+    loss, terms = fn(p, *args)
+    (g,) = torch.autograd.grad(loss, p, grad_output)
+    return loss.detach(), terms, g
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True], ids=["mse", "learned-sigma"])
+@pytest.mark.parametrize("target", [0, 1, 2], ids=TARGETS)
+@pytest.mark.parametrize("reduce_mean", [True, False], ids=["mean", "none"])
+def test_loss_and_gradient_match_reference(target, learn_sigma, reduce_mean, block_cap):
+    tables, x0, t, call, pred = _loss_case(target, learn_sigma)
+    k0, k1 = KEY
+    B = x0.shape[0]
+    go = torch.tensor(1.75, device=DEV) if reduce_mean else torch.linspace(-1.0, 2.0, B, device=DEV)
+    args = (x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean)
+    lo, to, go_ = _run(BACKEND.loss, pred, *args, grad_output=go)
+    lr, tr, gr = _run(reference.loss, pred, *args, grad_output=go)
+    assert lo.shape == lr.shape and lo.dtype == torch.float32
+    assert to.shape == (2, B) and not to.requires_grad
+    assert call.item() == 6  # the loss reads the counter (noise moved it 5 -> 6), it does not move it
+    if not learn_sigma:
+        torch.testing.assert_close(lo, lr, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(to, tr, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(go_, gr, rtol=1e-5, atol=1e-7)
+        assert torch.equal(to[1], torch.zeros(B, device=DEV))
+        return
+    # learned sigma: t >= 1 to rounding; everything against float64 by the rule (t = 0 NLL).
+    l64, t64, g64 = _run(reference.loss, pred.double(), *args, grad_output=go.double())
+    torch.testing.assert_close(to[:, 1:], tr[:, 1:], rtol=1e-4, atol=1e-6)
+    assert_rule(to, tr, t64, floor=1e-6)
+    assert_rule(lo, lr, l64, floor=1e-6)
+    assert_rule(go_, gr, g64, floor=1e-7)
+    # the out channels get the MSE gradient only (the model mean is detached in the VLB)
+    C = x0.shape[1]
+    torch.testing.assert_close(go_[:, :C], gr[:, :C], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("learn_sigma", [False, True], ids=["mse", "learned-sigma"])
+def test_loss_low_precision(dtype, learn_sigma):
+    target = 1
+    tables, x0, t, call, pred = _loss_case(target, learn_sigma, dtype)
+    k0, k1 = KEY
+    go = torch.tensor(1.0, device=DEV)
+    args = (x0, t, tables, k0, k1, call, target, learn_sigma, True)
+    lo, to, g = _run(BACKEND.loss, pred, *args, grad_output=go)
+    lr, tr, gr = _run(reference.loss, pred, *args, grad_output=go)
+    l64, t64, g64 = _run(reference.loss, pred.double(), x0.double(), *args[1:], grad_output=go.double())
+    assert g.dtype == dtype
+    assert_rule(lo, lr, l64, floor=1e-6)
+    assert_rule(to, tr, t64, floor=1e-6)
+    assert_rule(g, gr, g64, floor=1e-7)
+
+
+def test_loss_regenerates_eps_of_latest_call_and_is_deterministic():
+    tables = make_tables()
+    k0, k1 = KEY
+    x0 = torch.randn(4, 2, 3, 3, device=DEV)
+    call = counter()
+    BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
+    xt, t = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
+    sab = tables[0][t].view(-1, 1, 1, 1)
+    s1 = tables[1][t].view(-1, 1, 1, 1)
+    eps = (xt - sab * x0) / s1
+    # the perfect eps prediction has (almost) zero loss: eps is that of the second call
+    loss, terms = BACKEND.loss(eps, x0, t, tables, k0, k1, call, 0, False, True)
+    assert loss.item() < 1e-8
+    pred = torch.randn_like(x0)
+    a, _ = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, False, True)
+    b, _ = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, False, True)
+    assert torch.equal(a, b)
+
+
+def test_backward_scaling_in_place_and_retain_graph():
+    tables, x0, t, call, pred = _loss_case(0, False)
+    k0, k1 = KEY
+    p = pred.clone().requires_grad_()
+    loss, _ = BACKEND.loss(p, x0, t, tables, k0, k1, call, 0, False, True)
+    (g1,) = torch.autograd.grad(loss, p, retain_graph=True)
+    g1 = g1.clone()
+    (loss * 3).backward(retain_graph=True)
+    torch.testing.assert_close(p.grad, 3 * g1)
+    p.grad = None
+    (loss * -0.5).backward(retain_graph=True)
+    torch.testing.assert_close(p.grad, -0.5 * g1)
+    p.grad = None
+    loss.backward()
+    torch.testing.assert_close(p.grad, g1)
+
+
+def test_reduction_none_expanded_grad_output():
+    tables, x0, t, call, pred = _loss_case(2, True)
+    k0, k1 = KEY
+    p = pred.clone().requires_grad_()
+    per, _ = BACKEND.loss(p, x0, t, tables, k0, k1, call, 2, True, False)
+    per.sum().backward()  # grad_output is a stride-0 expand of a scalar
+    pr = pred.clone().requires_grad_()
+    ref, _ = reference.loss(pr, x0, t, tables, k0, k1, call, 2, True, False)
+    ref.sum().backward()
+    C = x0.shape[1]
+    torch.testing.assert_close(p.grad[:, :C], pr.grad[:, :C], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(p.grad[2:], pr.grad[2:], rtol=1e-4, atol=1e-7)
+
+
+def test_bad_inputs_raise():
+    tables, x0, t, call, pred = _loss_case(0, False)
+    k0, k1 = KEY
+    with pytest.raises(ValueError, match="pred has shape"):
+        BACKEND.loss(pred[:, :1], x0, t, tables, k0, k1, call, 0, False, True)
+    with pytest.raises(ValueError, match="2C channels"):
+        BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, True, True)
+    with pytest.raises(ValueError, match="t must be int64"):
+        BACKEND.loss(pred, x0, t.int(), tables, k0, k1, call, 0, False, True)
+    with pytest.raises(ValueError, match="t must be int64"):
+        BACKEND.loss(pred, x0, t[:-1], tables, k0, k1, call, 0, False, True)
+    with pytest.raises(ValueError, match="target"):
+        BACKEND.loss(pred, x0, t, tables, k0, k1, call, 3, False, True)
+    with pytest.raises(TypeError, match="float64"):
+        BACKEND.noise(x0.double(), None, tables, k0, k1, call, False, 0)
+    with pytest.raises(ValueError, match="tables"):
+        BACKEND.noise(x0, None, tables[:4], k0, k1, call, False, 0)
+    with pytest.raises(ValueError, match="call"):
+        BACKEND.noise(x0, None, tables, k0, k1, call.int(), False, 0)
+    with pytest.raises(ValueError, match="t_in"):
+        BACKEND.noise(x0, t[:2], tables, k0, k1, call, False, 0)
+
+
+def test_diffusion_loss_triton_equals_torch():
+    from speed_kernels.loss import DiffusionLoss
+
+    sched = NoiseSchedule.linear(T)
+    x0 = torch.randn(6, 2, 4, 4, device=DEV)
+    out = {}
+    for name in ("triton", "torch"):
+        fn = DiffusionLoss(sched, strategy="speed", learn_sigma=True, backend=name, seed=3)
+        x_t, t = fn.noise(x0)
+        pred = torch.zeros(6, 4, 4, 4, device=DEV, requires_grad=True)
+        loss = fn.loss(pred, x0, t)
+        loss.backward()
+        out[name] = (x_t, t, loss.detach(), pred.grad)
+    assert torch.equal(out["triton"][1], out["torch"][1])
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=2e-6)
+    if (out["torch"][1] != 0).all():
+        torch.testing.assert_close(out["triton"][2], out["torch"][2], rtol=1e-4, atol=1e-6)
+    assert math.isfinite(out["triton"][2].item())
+
+
+def test_supports():
+    assert BACKEND.supports(torch.device("cuda")) or not torch.cuda.is_available()
+    assert BACKEND.supports(torch.device("cpu")) == (os.environ.get("TRITON_INTERPRET") == "1")
