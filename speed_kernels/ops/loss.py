@@ -118,7 +118,7 @@ def _loss_kernel(
     mask = j < n
     b64 = b.to(tl.int64)
     if LEARN_SIGMA:
-        pbase = b64 * (2 * n)
+        pbase = b64 * n * 2  # not 2 * n: that product is int32 when n is
     else:
         pbase = b64 * n
     out = tl.load(pred_ptr + pbase + j, mask=mask, other=0.0).to(tl.float32)
