@@ -12,10 +12,13 @@ Kernel (`_loss_kernel`), same flat (sample, chunk) grid as the noise op:
 `_finalize_kernel` (one program) reduces the partials in a fixed order: per-sample terms, the
 per-sample losses or the batch mean, resets the gradient-scale state and records the call index.
 
-Backward of reduction "mean" multiplies the saved gradient by grad_output *in place*, reading
-grad_output on the device and skipping the pass when it equals the scale already applied (1 after
-the forward): no host sync, and with the usual grad_output = 1 the backward moves no data, so the
-loss path stays at 4 compulsory passes. The saved gradient is then handed to autograd as is.
+Backward of reduction "mean" multiplies the saved gradient by grad_output *in place* (one
+launch), reading grad_output on the device and skipping the pass when it equals the scale already
+applied (1 after the forward): no host sync, and with the usual grad_output = 1 the backward
+moves no data, so the loss path stays at 4 compulsory passes. The saved gradient is then handed
+to autograd as is (AccumulateGrad adopts the buffer: no copy). A second backward through the same
+graph (retain_graph=True) rescales by the ratio of the two grad_outputs; a gradient returned by
+an earlier backward (torch.autograd.grad with retain_graph) shares that buffer.
 (Under torch.compile tracing the backward is the plain out-of-place `grad * grad_output`.)
 Reduction "none" computes the gradient in backward with the per-sample grad_output, by the same
 kernel in gradient-only mode.
@@ -227,20 +230,18 @@ def _finalize_kernel(
 
 
 @triton.jit
-def _scale_grad_kernel(grad_ptr, state_ptr, g_ptr, N, BLOCK: tl.constexpr):
-    """grad *= g / state, skipped (no memory traffic) when g equals the scale already applied."""
+def _scale_grad_kernel(grad_ptr, state_ptr, g_ptr, N, PARITY: tl.constexpr, BLOCK: tl.constexpr):
+    """grad *= g / state[PARITY], skipped (no memory traffic) when g equals the scale already
+    applied; program 0 records g in state[1 - PARITY] for the next backward through the same
+    graph. Reads and the write go to different slots, so one launch has no race."""
     g = tl.load(g_ptr).to(tl.float32)
-    s = tl.load(state_ptr)
+    s = tl.load(state_ptr + PARITY)
     if g != s:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < N
         x = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(grad_ptr + offs, (x * (g / s)).to(grad_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _set_state_kernel(state_ptr, g_ptr):
-    tl.store(state_ptr, tl.load(g_ptr).to(tl.float32))
+    tl.store(state_ptr + (1 - PARITY), g, mask=tl.program_id(0) == 0)
 
 
 def check_loss_inputs(pred, x0, t, tables, call, learn_sigma: bool, target: int) -> None:
@@ -303,7 +304,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
                  compute_loss=True, grad=grad, gscale=None, inv_batch=1.0 / batch, part=part)
     loss = torch.empty((), dtype=torch.float32, device=dev) if reduce_mean else torch.empty(batch, dtype=torch.float32, device=dev)
     terms = torch.empty(2, batch, dtype=torch.float32, device=dev)
-    scale = torch.empty(1, dtype=torch.float32, device=dev)
+    scale = torch.empty(2, dtype=torch.float32, device=dev)  # two slots: see _scale_grad_kernel
     call_used = torch.empty(1, dtype=torch.int64, device=dev)
     block_c = min(128, triton.next_power_of_2(n_chunks))
     block_b = max(16, min(4096 // block_c, triton.next_power_of_2(batch)))
@@ -330,13 +331,11 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
     return grad
 
 
-def scale_grad_(grad, state, grad_output):
-    """In place: grad *= grad_output / state; then state = grad_output (all on the device)."""
+def scale_grad_(grad, state, grad_output, parity: int):
+    """In place, one launch: grad *= grad_output / state[parity]; state[1 - parity] = grad_output.
+    `parity` is the host-side count of backward calls through this graph node, mod 2."""
     N = grad.numel()
     BLOCK = 4096
     g = grad_output.reshape(1)
-    _scale_grad_kernel[(max(1, triton.cdiv(N, BLOCK)),)](grad, state, g, N, BLOCK=BLOCK, num_warps=8)
-    # Separate launch: programs of the kernel above must all read the old state first. A kernel
-    # write (not state.copy_) leaves autograd's version counter alone: the state is saved.
-    _set_state_kernel[(1,)](state, g)
+    _scale_grad_kernel[(max(1, triton.cdiv(N, BLOCK)),)](grad, state, g, N, PARITY=parity, BLOCK=BLOCK, num_warps=8)
     return grad
