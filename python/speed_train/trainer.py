@@ -44,11 +44,7 @@ from .data import DataOrder, load_dataset
 from .models import build_model, count_params
 from .sampling import sample as _sample, save_grid
 
-__all__ = ["TrainConfig", "Trainer", "load_checkpoint_model", "make_schedule", "DYNAMIC_STRATEGIES"]
-
-# strategies whose tables follow the observed losses: their updates need every rank's losses
-DYNAMIC_STRATEGIES = {"importance", "loss-aware", "loss_aware", "lossaware"}
-
+__all__ = ["TrainConfig", "Trainer", "load_checkpoint_model", "make_schedule"]
 
 @dataclass
 class TrainConfig:
@@ -117,19 +113,22 @@ def make_schedule(name: str, T: int):
 
 
 def make_loss(cfg: TrainConfig, schedule, rank: int = 0, auto_update: bool = True):
-    from speed_kernels import DiffusionLoss, strategies
+    from speed_kernels import DiffusionLoss
 
-    strat = strategies.get(cfg.strategy, **cfg.strategy_params) if cfg.strategy_params else cfg.strategy
-    return DiffusionLoss(schedule, strategy=strat, prediction=cfg.prediction, learn_sigma=cfg.learn_sigma,
-                         backend=cfg.backend, seed=cfg.seed, rank=rank, auto_update=auto_update)
+    return DiffusionLoss(schedule, strategy=cfg.strategy, strategy_params=cfg.strategy_params or None,
+                         prediction=cfg.prediction, learn_sigma=cfg.learn_sigma, backend=cfg.backend,
+                         seed=cfg.seed, rank=rank, auto_update=auto_update)
 
 
-def _is_dynamic(cfg: TrainConfig, loss_fn) -> bool:
-    s = getattr(loss_fn, "strategy", None)
-    flag = getattr(s, "dynamic", None)
-    if isinstance(flag, bool):
-        return flag
-    return cfg.strategy.lower() in DYNAMIC_STRATEGIES
+def _learns_from_losses(strategy) -> bool:
+    """True when the strategy's update() uses the losses (importance sampling), directly or
+    inside a combination: only then must every rank see every rank's losses."""
+    parts = [getattr(strategy, "sampling", None), getattr(strategy, "weighting", None)]
+    if any(p is not None for p in parts):
+        return any(_learns_from_losses(p) for p in parts if p is not None)
+    from speed_kernels.strategies import Strategy
+
+    return getattr(strategy, "dynamic", False) and type(strategy).update is not Strategy.update
 
 
 def _cpu(obj):
@@ -195,7 +194,7 @@ class Trainer:
         # the loss before the model: an unknown strategy/backend fails before any work
         self.schedule = make_schedule(cfg.schedule, cfg.T)
         self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=True)
-        self.gather_losses = self.world_size > 1 and _is_dynamic(cfg, self.loss_fn)
+        self.gather_losses = self.world_size > 1 and _learns_from_losses(self.loss_fn.strategy)
         if self.gather_losses:  # each rank updates the strategy from every rank's losses
             self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=False)
 
@@ -256,7 +255,8 @@ class Trainer:
             pred = self.fwd(x_t, t, **kw)
         loss = self.loss_fn.loss(pred, x0, t)
         if self.gather_losses:
-            per = self.loss_fn.last_terms["loss"].float()
+            # the strategy learns from unweighted losses (what auto_update feeds it too)
+            per = self.loss_fn.unweighted_losses(t).float()
             ts = [torch.empty_like(t) for _ in range(self.world_size)]
             ls = [torch.empty_like(per) for _ in range(self.world_size)]
             dist.all_gather(ts, t)
@@ -374,6 +374,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ logs
 
+    def _backend_name(self) -> str:
+        try:
+            return f"{self.cfg.backend} -> {self.loss_fn.backend(self.device).name}"
+        except Exception:  # an older or foreign loss object
+            return str(self.cfg.backend)
+
     def _write_run_json(self):
         import speed_train
 
@@ -391,7 +397,7 @@ class Trainer:
             "data": {"name": self.data.name, "n": len(self.data), "shape": list(self.data.shape),
                      "num_classes": self.num_classes, "flip": self.data.flip},
             "loss": repr(self.loss_fn),
-            "backend": getattr(self.loss_fn, "backend", self.cfg.backend),
+            "backend": self._backend_name(),
             "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
                                           if self.device.type == "cuda" else f" ({os.cpu_count()} CPUs)"),
             "world_size": self.world_size,
