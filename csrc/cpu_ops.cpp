@@ -312,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> noise_cpu(const at::Tensor& x0_in, const std:
   at::Tensor t;
   if (t_in.has_value() && t_in->defined()) {
     check_timesteps(x0, *t_in, "t_in");
-    t = t_in->contiguous();
+    t = t_in->clone(at::MemoryFormat::Contiguous);  // outputs must not alias inputs (torch.compile)
     check_timestep_range_cpu(t, T, "t_in");
   } else {
     if (mirror) TORCH_CHECK_VALUE(pivot >= 0 && pivot < T, "pivot must be in [0, T-1] = [0, ", T - 1, "], got ", pivot);

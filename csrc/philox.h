@@ -112,8 +112,8 @@ SK_HD int32_t sample_timestep(const float* cdf, int32_t T, int64_t i, int64_t B,
 // Host float math that the compiler can vectorise (glibc's logf/sinf/cosf are opaque calls).
 // Both are within ~1 ulp of the correctly rounded result on the arguments Box-Muller feeds them
 // (u in [2^-24, 1), theta in (0, 2pi)); the reference (SLEEF u10 on CPU, libdevice on GPU) is
-// within 1 ulp too, so eps agrees to float rounding.
-#if !defined(__CUDA_ARCH__)
+// within 1 ulp too, so eps agrees to float rounding. (Also valid device code; the CUDA path uses
+// logf/sincosf instead.)
 SK_HD float as_float(uint32_t i) {
   union {
     uint32_t i;
@@ -153,8 +153,9 @@ SK_HD float host_logf(float x) {
 // cephes minimax polynomials on [-pi/4, pi/4].
 SK_HD void host_sincosf(float x, float& s_out, float& c_out) {
   const double xd = x;
-  const double qd = __builtin_floor(xd * 0.63661977236758134 + 0.5);  // nearest multiple of pi/2
-  const int32_t q = static_cast<int32_t>(qd);
+  // nearest multiple of pi/2; x >= 0 so truncation is floor (a conversion, no libm call)
+  const int32_t q = static_cast<int32_t>(xd * 0.63661977236758134 + 0.5);
+  const double qd = static_cast<double>(q);
   const float r = static_cast<float>(xd - qd * 1.5707963267948966);
   const float z = r * r;
   const float sn = r + r * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
@@ -167,7 +168,6 @@ SK_HD void host_sincosf(float x, float& s_out, float& c_out) {
   s_out = s;
   c_out = c;
 }
-#endif
 
 // Four normals of element group g of a sample (lanes 0..3 = elements 4g..4g+3).
 SK_HD void group_normals(uint32_t g, uint32_t sample, uint32_t call, uint32_t k0, uint32_t k1, float out[4]) {

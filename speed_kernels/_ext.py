@@ -60,6 +60,10 @@ if _C is not None:
 
     def _loss_setup_context(ctx, inputs, output):
         pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, with_grad = inputs
+        # terms and the gradient buffer carry no gradient: do not materialise zeros for them
+        # (a pred-sized fill per step otherwise)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(output[1], output[2])
         ctx.reduce_mean = reduce_mean
         ctx.with_grad = with_grad
         ctx.args = (k0, k1, target, learn_sigma)
@@ -77,7 +81,14 @@ if _C is not None:
                 raise RuntimeError(
                     "speed_kernels::loss was run with with_grad=False; call it with with_grad=True to backprop"
                 )
-            dpred = grad * grad_loss.to(grad.dtype)
+            g = grad_loss.to(grad.dtype)
+            if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
+                # Eager: in place, the buffer is ours and used once (a retain_graph second backward
+                # fails the saved-tensor version check instead of scaling twice); saves a
+                # pred-sized allocation and its page faults.
+                dpred = grad.mul_(g)
+            else:  # traced (fake / functional tensors): out of place, as the partitioner wants
+                dpred = grad * g
         else:
             pred, x0, t, tables, call = ctx.saved_tensors
             k0, k1, target, learn_sigma = ctx.args
