@@ -339,17 +339,17 @@ def test_registered_ops_match_eager_path_and_pass_opcheck():
     k0, k1 = KEY
     args = (x0, t, tables, k0, k1, call, 1, True, True)
     p = pred.clone().requires_grad_()
-    loss, terms, *_ = torch.ops.speed_kernels.triton_loss(p, *args)
+    loss, terms, *_ = torch.ops.speed_triton.loss(p, *args)
     (loss * 2).backward()
     le, te, ge = _run(BACKEND.loss, pred, *args, grad_output=torch.tensor(2.0, device=DEV))
     assert torch.equal(loss.detach(), le) and torch.equal(terms, te)
     torch.testing.assert_close(p.grad, ge)
     c1, c2 = counter(9), counter(9)
-    xa, ta = torch.ops.speed_kernels.triton_noise(x0, None, tables, k0, k1, c1, True, PIVOT)
+    xa, ta = torch.ops.speed_triton.noise(x0, None, tables, k0, k1, c1, True, PIVOT)
     xb, tb = BACKEND.noise(x0, None, tables, k0, k1, c2, True, PIVOT)
     assert torch.equal(ta, tb) and torch.equal(xa, xb) and c1.item() == c2.item() == 10
     for op, op_args in (
-        (torch.ops.speed_kernels.triton_loss.default, (pred.clone().requires_grad_(), *args)),
-        (torch.ops.speed_kernels.triton_noise.default, (x0, None, tables, k0, k1, counter(), False, 0)),
+        (torch.ops.speed_triton.loss.default, (pred.clone().requires_grad_(), *args)),
+        (torch.ops.speed_triton.noise.default, (x0, None, tables, k0, k1, counter(), False, 0)),
     ):
         torch.library.opcheck(op, op_args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -27,7 +27,7 @@ from . import noise as _noise
 # noise op
 
 
-@torch.library.custom_op("speed_kernels::triton_noise", mutates_args=("call",))
+@torch.library.custom_op("speed_triton::noise", mutates_args=("call",))
 def triton_noise(
     x0: Tensor, t_in: Optional[Tensor], tables: Tensor, k0: int, k1: int, call: Tensor, mirror: bool, pivot: int
 ) -> tuple[Tensor, Tensor]:
@@ -44,7 +44,7 @@ def _noise_fake(x0, t_in, tables, k0, k1, call, mirror, pivot):
 # loss op
 
 
-@torch.library.custom_op("speed_kernels::triton_loss", mutates_args=())
+@torch.library.custom_op("speed_triton::loss", mutates_args=())
 def triton_loss(
     pred: Tensor, x0: Tensor, t: Tensor, tables: Tensor, k0: int, k1: int, call: Tensor,
     target: int, learn_sigma: bool, reduce_mean: bool,
@@ -64,7 +64,7 @@ def _loss_fake(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_me
             torch.empty(1, dtype=torch.int64, device=x0.device))
 
 
-@torch.library.custom_op("speed_kernels::triton_loss_grad", mutates_args=())
+@torch.library.custom_op("speed_triton::loss_grad", mutates_args=())
 def triton_loss_grad(
     pred: Tensor, x0: Tensor, t: Tensor, tables: Tensor, k0: int, k1: int, call_used: Tensor,
     target: int, learn_sigma: bool, grad_output: Tensor,
@@ -118,7 +118,7 @@ def _grad_pred(ctx, g_loss):
     pred, x0, t, tables, call_used = ctx.saved_tensors
     k0, k1, target, learn_sigma = ctx.args
     if _is_traced(pred):
-        return torch.ops.speed_kernels.triton_loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, g_loss)
+        return torch.ops.speed_triton.loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, g_loss)
     return _loss.loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, g_loss)
 
 
@@ -175,7 +175,7 @@ class TritonBackend:
             _noise.check_t(t_in, x0.shape[0], x0.device, "t_in")
         args = (x0.detach(), t_in, tables, int(k0), int(k1), call, bool(mirror), int(pivot))
         if torch.compiler.is_compiling():
-            x_t, t = torch.ops.speed_kernels.triton_noise(*args)
+            x_t, t = torch.ops.speed_triton.noise(*args)
         else:  # eager / CUDA-graph capture: launch directly (no custom-op dispatch overhead)
             x_t, t = _noise.noise_launch(*args)
         if x0.requires_grad and torch.is_grad_enabled():
@@ -190,7 +190,7 @@ class TritonBackend:
         self._check_device(x0)
         args = (pred, x0, t, tables, int(k0), int(k1), call, int(target), bool(learn_sigma), bool(reduce_mean))
         if torch.compiler.is_compiling():
-            loss, terms, _grad, _scale, _call_used = torch.ops.speed_kernels.triton_loss(*args)
+            loss, terms, _grad, _scale, _call_used = torch.ops.speed_triton.loss(*args)
             return loss, terms
         return _EagerLoss.apply(*args)
 
