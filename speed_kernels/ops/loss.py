@@ -49,11 +49,22 @@ from ..tables import (
     ROW_X0HAT_XT,
 )
 from . import philox as P
+
+# Globals read inside kernels must be tl.constexpr objects (see noise.py).
+ROW_LOG_BETA = tl.constexpr(ROW_LOG_BETA)
+ROW_POST_LOGVAR = tl.constexpr(ROW_POST_LOGVAR)
+ROW_POST_X0 = tl.constexpr(ROW_POST_X0)
+ROW_POST_XT = tl.constexpr(ROW_POST_XT)
+ROW_SQRT_1MAB = tl.constexpr(ROW_SQRT_1MAB)
+ROW_SQRT_AB = tl.constexpr(ROW_SQRT_AB)
+ROW_WEIGHT = tl.constexpr(ROW_WEIGHT)
+ROW_X0HAT_OUT = tl.constexpr(ROW_X0HAT_OUT)
+ROW_X0HAT_XT = tl.constexpr(ROW_X0HAT_XT)
 from .noise import _eps_tile, block_config, check_common, check_t
 
 LN2 = math.log(2.0)
-INV_LN2: tl.constexpr = 1.0 / math.log(2.0)
-SQRT_2_OVER_PI: tl.constexpr = math.sqrt(2.0 / math.pi)
+INV_LN2 = tl.constexpr(1.0 / math.log(2.0))
+SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 
 
 @triton.jit

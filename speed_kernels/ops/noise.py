@@ -19,6 +19,12 @@ import triton.language as tl
 from ..tables import NUM_ROWS, ROW_CDF, ROW_SQRT_1MAB, ROW_SQRT_AB
 from . import philox as P
 
+# Kernels may read module globals only when they are tl.constexpr objects (the interpreter is
+# laxer than the compiler): rebind the row indices used inside @triton.jit functions.
+ROW_CDF = tl.constexpr(ROW_CDF)
+ROW_SQRT_AB = tl.constexpr(ROW_SQRT_AB)
+ROW_SQRT_1MAB = tl.constexpr(ROW_SQRT_1MAB)
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

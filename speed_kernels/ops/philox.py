@@ -8,14 +8,14 @@ import triton
 import triton.language as tl
 
 # Constants of rng.py (kept as plain ints; triton types ints in [2^31, 2^32) as uint32).
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
-TWO_PI_F32: tl.constexpr = 6.2831854820251465
-INV_2_24: tl.constexpr = 5.9604644775390625e-08  # 2^-24, exact
-STREAM_T: tl.constexpr = 0
-STREAM_EPS: tl.constexpr = 1
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+TWO_PI_F32 = tl.constexpr(6.2831854820251465)
+INV_2_24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24, exact
+STREAM_T = tl.constexpr(0)
+STREAM_EPS = tl.constexpr(1)
 
 
 def split_key(k: int) -> int:
