@@ -7,6 +7,13 @@
 // a wheel built anywhere is both portable and fast. Per-sample sums are accumulated in 8 float
 // lanes per chunk and in double across chunks, in a fixed order: results are deterministic and do
 // not depend on the thread count.
+//
+// eps cache (CPU only): eps is a pure function of (call, key, sample, element), and on a CPU its
+// generation (Philox + log + sincos) costs ~20x more than a memory pass. So the noise op also
+// writes eps into a per-thread buffer tagged with (call, k0, k1, B, n); a loss op whose call - 1
+// and shapes match reads it instead of regenerating (bit-identical either way: same code, same
+// inputs). The buffer is reused across steps (no fresh pages per step). Off with
+// SPEED_KERNELS_CPU_EPS_CACHE=0; not used above EPS_CACHE_MAX elements.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -14,6 +21,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "ops.h"
 #include "philox.h"
@@ -68,6 +76,7 @@ SK_INLINE void eps_chunk(uint32_t g0, uint32_t sample, uint32_t call, uint32_t k
 struct NoiseArgs {
   const void* x0;
   void* xt;
+  float* eps_out;  // [B, n] eps written for the loss op, or nullptr
   const int64_t* t;
   const float* sqrt_ab;
   const float* sqrt_1mab;
@@ -90,11 +99,13 @@ SK_INLINE void noise_rows_body(const NoiseArgs& a, int64_t i0, int64_t i1) {
       const int64_t m = std::min<int64_t>(CHUNK, a.n - e0);
       // Two products and a sum, each rounded, as the reference computes x_t.
       for (int64_t j = 0; j < m; ++j) store(yi, e0 + j, ca * load(xi, e0 + j) + cb * eps[j]);
+      if (a.eps_out) std::memcpy(a.eps_out + i * a.n + e0, eps, static_cast<size_t>(m) * sizeof(float));
     }
   }
 }
 
 struct LossArgs {
+  const float* eps_in;  // [B, n] cached eps of this call, or nullptr (regenerate)
   const void* pred;
   const void* x0;
   const int64_t* t;
@@ -129,7 +140,7 @@ SK_INLINE void loss_rows_body(const LossArgs& a, int64_t i0, int64_t i1) {
   P* grad = static_cast<P*>(a.grad);
   const float* row = a.tables;
   const int64_t T = a.T;
-  alignas(64) float eps[CHUNK];
+  alignas(64) float eps_buf[CHUNK];
   alignas(64) float sq[CHUNK];
   alignas(64) float vb[CHUNK];
   for (int64_t i = i0; i < i1; ++i) {
@@ -158,8 +169,13 @@ SK_INLINE void loss_rows_body(const LossArgs& a, int64_t i0, int64_t i1) {
     }
     double sum_mse = 0, sum_vb = 0;
     for (int64_t e0 = 0; e0 < a.n; e0 += CHUNK) {
-      eps_chunk(static_cast<uint32_t>(e0 / 4), static_cast<uint32_t>(i), a.call, a.k0, a.k1, eps);
       const int64_t m = std::min<int64_t>(CHUNK, a.n - e0);
+      const float* __restrict eps = eps_buf;
+      if (a.eps_in) {
+        eps = a.eps_in + i * a.n + e0;  // only [0, m) is read
+      } else {
+        eps_chunk(static_cast<uint32_t>(e0 / 4), static_cast<uint32_t>(i), a.call, a.k0, a.k1, eps_buf);
+      }
       for (int64_t j = m; j < CHUNK; ++j) sq[j] = 0.0f;
       if (a.target == 0) {
         for (int64_t j = 0; j < m; ++j) sq[j] = load(oi, e0 + j) - eps[j];
@@ -259,6 +275,22 @@ void check_cpu(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), "the cpp backend runs on CPU tensors; ", name, " is on ", x.device());
 }
 
+constexpr int64_t EPS_CACHE_MAX = int64_t(1) << 26;  // 64M floats = 256 MB per thread at most
+
+struct EpsCache {
+  std::vector<float> eps;
+  int64_t call = -1, B = 0, n = 0;
+  uint32_t k0 = 0, k1 = 0;
+  bool valid = false;
+};
+thread_local EpsCache tls_eps_cache;
+
+bool eps_cache_enabled(int64_t numel) {
+  const char* env = std::getenv("SPEED_KERNELS_CPU_EPS_CACHE");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  return numel <= EPS_CACHE_MAX;
+}
+
 // Grain: samples per task, so that a task holds at least ~16K elements (thread start-up is not free).
 int64_t grain_for(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
@@ -274,7 +306,14 @@ void run_loss(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& t,
   a.T = tables.size(1);
   a.n = x0.numel() / B;
   a.pred_stride = pred.numel() / B;
-  a.call = static_cast<uint32_t>(call.data_ptr<int64_t>()[0] - 1);  // the noise call this loss belongs to
+  const int64_t call_v = call.data_ptr<int64_t>()[0] - 1;  // the noise call this loss belongs to
+  a.call = static_cast<uint32_t>(call_v);
+  const EpsCache& cache = tls_eps_cache;
+  const int64_t n = x0.numel() / B;
+  a.eps_in = (cache.valid && eps_cache_enabled(B * n) && cache.call == call_v && cache.k0 == static_cast<uint32_t>(k0) &&
+              cache.k1 == static_cast<uint32_t>(k1) && cache.B == B && cache.n == n)
+                 ? cache.eps.data()
+                 : nullptr;
   a.k0 = static_cast<uint32_t>(k0);
   a.k1 = static_cast<uint32_t>(k1);
   a.target = static_cast<int>(target);
@@ -334,11 +373,25 @@ std::tuple<at::Tensor, at::Tensor> noise_cpu(const at::Tensor& x0_in, const std:
   a.call = c;
   a.k0 = static_cast<uint32_t>(k0);
   a.k1 = static_cast<uint32_t>(k1);
+  EpsCache& cache = tls_eps_cache;
+  cache.valid = false;
+  if (eps_cache_enabled(x0.numel())) {
+    if (static_cast<int64_t>(cache.eps.size()) < x0.numel()) cache.eps.resize(static_cast<size_t>(x0.numel()));
+    a.eps_out = cache.eps.data();
+  }
   const bool avx2 = use_avx2();
   dispatch_float(x0.scalar_type(), [&](auto x) {
     using X = decltype(x);
     at::parallel_for(0, B, grain_for(a.n), [&](int64_t i0, int64_t i1) { noise_rows<X>(a, i0, i1, avx2); });
   });
+  if (a.eps_out) {
+    cache.call = call.data_ptr<int64_t>()[0];
+    cache.k0 = a.k0;
+    cache.k1 = a.k1;
+    cache.B = B;
+    cache.n = a.n;
+    cache.valid = true;
+  }
   call.add_(1);
   return {xt, t};
 }

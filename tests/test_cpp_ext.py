@@ -472,3 +472,22 @@ def test_torch_compile_traces_the_ops():
     eager_loss.backward()
     comp_loss.backward()
     assert torch.equal(p1.grad, p2.grad)
+
+
+def test_eps_cache_is_bit_identical_to_regeneration(monkeypatch):
+    """The CPU eps cache (noise writes eps, the matching loss reads it) changes no bit."""
+    pred, x0, t, tab, k0, k1, _ = _inputs(1, True, shape=(6, 3, 9, 7))
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SPEED_KERNELS_CPU_EPS_CACHE", flag)
+        call = torch.tensor([20])
+        x_t, tt = _ops().noise(x0, None, tab, k0, k1, call, True, 642)
+        fwd = _ops().loss(pred, x0, tt, tab, k0, k1, call, 1, True, True, True)
+        bwd = _ops().loss_backward(torch.rand(6, generator=torch.Generator().manual_seed(0)), pred, x0, tt, tab, k0, k1,
+                                   call, 1, True)
+        # a loss for another call (cache miss) must regenerate, not reuse
+        other = _ops().loss(pred, x0, tt, tab, k0, k1, call + 1, 1, True, True, True)
+        outs[flag] = (x_t, tt, *fwd, bwd, *other)
+    for a, b in zip(outs["1"], outs["0"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs["1"][2], outs["1"][6])  # call + 1 gave a different loss
