@@ -293,3 +293,31 @@ def test_gpu_over_2_31_elements():
     u = [rng.bits_to_uniform(x) for x in wx]
     eps_last = rng.box_muller(u[2], u[3])[1].item()
     assert g_last.item() == pytest.approx(-2 * w1 * eps_last / n, rel=2e-3)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_tickets_stress(shape, monkeypatch):
+    """Many back-to-back steps: the in-kernel counter advance and the last-program reduction
+    (acq_rel tickets) give exactly the counter, and losses bit-identical to separate launches."""
+    from speed_kernels.ops.noise import tickets_for
+
+    tables = make_tables("v", True)
+    k0, k1 = KEY
+    B, C = shape[0], shape[1]
+    x0 = torch.randn(shape, device=DEV)
+    pred = torch.randn(B, 2 * C, *shape[2:], device=DEV)
+    steps = 3 if SMOKE else 50
+    runs = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("SPEED_TRITON_TICKETS", mode)
+        call = counter(1000)
+        out = []
+        for _ in range(steps):
+            _, t = BACKEND.noise(x0, None, tables, k0, k1, call, True, PIVOT)
+            loss, terms = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 1, True, True)
+            out.append(torch.cat([loss.view(1), terms.flatten()]))
+        assert call.item() == 1000 + steps
+        if mode == "1":
+            assert torch.equal(tickets_for(call).cpu(), torch.zeros(2, dtype=torch.int32))
+        runs[mode] = torch.stack(out)
+    assert torch.equal(runs["1"], runs["0"])

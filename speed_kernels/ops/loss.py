@@ -60,7 +60,7 @@ ROW_SQRT_AB = tl.constexpr(ROW_SQRT_AB)
 ROW_WEIGHT = tl.constexpr(ROW_WEIGHT)
 ROW_X0HAT_OUT = tl.constexpr(ROW_X0HAT_OUT)
 ROW_X0HAT_XT = tl.constexpr(ROW_X0HAT_XT)
-from .noise import _eps_tile, block_config, check_common, check_t
+from .noise import _eps_tile, block_config, check_common, check_t, tickets_for, use_tickets
 
 LN2 = math.log(2.0)
 INV_LN2 = tl.constexpr(1.0 / math.log(2.0))
@@ -116,9 +116,11 @@ def _loss_kernel(
     pred_ptr, x0_ptr, t_ptr, tab_ptr, call_ptr, k0, k1,
     grad_ptr, part_ptr, gscale_ptr, inv_batch,
     n, n_chunks, T, n_parts,
+    loss_ptr, terms_ptr, scale_ptr, call_used_ptr, ticket_ptr, B,
     TARGET: tl.constexpr, LEARN_SIGMA: tl.constexpr, CALL_OFFSET: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, PER_SAMPLE_SCALE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, FUSED_FINALIZE: tl.constexpr, REDUCE_MEAN: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, NB_B: tl.constexpr, NB_C: tl.constexpr,
 ):
     NEED_EPS: tl.constexpr = (TARGET != 2) or LEARN_SIGMA
     NEED_X0: tl.constexpr = (TARGET != 0) or LEARN_SIGMA
@@ -198,9 +200,21 @@ def _loss_kernel(
             g_v = dvb_dlv * ((max_log - min_log) * 0.5 * inv_n * INV_LN2 * s)
             tl.store(grad_ptr + pbase + n + j, g_v.to(grad_ptr.dtype.element_ty), mask=mask)
 
+    if COMPUTE_LOSS and FUSED_FINALIZE:
+        # Last-program reduction (no second launch): every program releases its partial sums
+        # through an acq_rel ticket; the program that takes the last ticket has acquired all of
+        # them, reduces in a fixed order (deterministic) and resets the ticket for the next call.
+        tl.debug_barrier()  # the partial-sum stores of this program precede its ticket
+        prev = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if prev == n_parts - 1:
+            _finalize_body(part_ptr, t_ptr, tab_ptr, loss_ptr, terms_ptr, scale_ptr, call_ptr, call_used_ptr,
+                           B, n_chunks, n_parts, n, T, CALL_OFFSET, LEARN_SIGMA, REDUCE_MEAN,
+                           BLOCK_B, BLOCK_C, NB_B, NB_C)
+            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
+
 
 @triton.jit
-def _finalize_kernel(
+def _finalize_body(
     part_ptr, t_ptr, tab_ptr, loss_ptr, terms_ptr, scale_ptr, call_ptr, call_used_ptr,
     B, n_chunks, n_parts, n, T,
     CALL_OFFSET: tl.constexpr, LEARN_SIGMA: tl.constexpr, REDUCE_MEAN: tl.constexpr,
@@ -220,9 +234,9 @@ def _finalize_kernel(
             cs = ic * BLOCK_C + tl.arange(0, BLOCK_C)
             m = bm[:, None] & (cs[None, :] < n_chunks)
             idx = bs.to(tl.int64)[:, None] * n_chunks + cs[None, :]
-            sse += tl.sum(tl.load(part_ptr + idx, mask=m, other=0.0), axis=1)
+            sse += tl.sum(tl.load(part_ptr + idx, mask=m, other=0.0, cache_modifier=".cg"), axis=1)
             if LEARN_SIGMA:
-                vbs += tl.sum(tl.load(part_ptr + n_parts + idx, mask=m, other=0.0), axis=1)
+                vbs += tl.sum(tl.load(part_ptr + n_parts + idx, mask=m, other=0.0, cache_modifier=".cg"), axis=1)
         t = tl.load(t_ptr + bs, mask=bm, other=0)
         w = tl.load(tab_ptr + ROW_WEIGHT * T + t, mask=bm, other=0.0)
         mse = (sse / n_f) * w
@@ -238,6 +252,18 @@ def _finalize_kernel(
         tl.store(loss_ptr, total / B)
         tl.store(scale_ptr, 1.0)
     tl.store(call_used_ptr, tl.load(call_ptr) - CALL_OFFSET)
+
+
+@triton.jit
+def _finalize_kernel(
+    part_ptr, t_ptr, tab_ptr, loss_ptr, terms_ptr, scale_ptr, call_ptr, call_used_ptr,
+    B, n_chunks, n_parts, n, T,
+    CALL_OFFSET: tl.constexpr, LEARN_SIGMA: tl.constexpr, REDUCE_MEAN: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, NB_B: tl.constexpr, NB_C: tl.constexpr,
+):
+    _finalize_body(part_ptr, t_ptr, tab_ptr, loss_ptr, terms_ptr, scale_ptr, call_ptr, call_used_ptr,
+                   B, n_chunks, n_parts, n, T, CALL_OFFSET, LEARN_SIGMA, REDUCE_MEAN,
+                   BLOCK_B, BLOCK_C, NB_B, NB_C)
 
 
 @triton.jit
@@ -279,55 +305,63 @@ def check_loss_inputs(pred, x0, t, tables, call, learn_sigma: bool, target: int)
         raise ValueError(f"target must be 0 (eps), 1 (v) or 2 (x0), got {target!r}")
 
 
-def _launch_loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, *, call_offset,
-                 compute_loss, grad, gscale, inv_batch, part):
-    batch = x0.shape[0]
-    n = x0.numel() // batch
-    block, warps = block_config(n)
-    n_chunks = max(1, triton.cdiv(n, block))
-    dummy = t  # never dereferenced when the matching constexpr flag is off
-    _loss_kernel[(batch * n_chunks,)](
-        pred, x0, t, tables, call, P.split_key(k0), P.split_key(k1),
-        grad if grad is not None else pred, part if part is not None else dummy,
-        gscale if gscale is not None else dummy, float(inv_batch),
-        n, n_chunks, tables.shape[1], batch * n_chunks,
-        TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=call_offset,
-        COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None, PER_SAMPLE_SCALE=gscale is not None,
-        BLOCK=block, num_warps=warps,
-    )
-    return n, n_chunks
+def _finalize_blocks(batch: int, n_chunks: int) -> dict:
+    block_c = min(128, triton.next_power_of_2(n_chunks))
+    block_b = max(16, min(4096 // block_c, triton.next_power_of_2(batch)))
+    return dict(BLOCK_B=block_b, BLOCK_C=block_c, NB_B=triton.cdiv(batch, block_b), NB_C=triton.cdiv(n_chunks, block_c))
 
 
-def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
-    """Forward launch: (loss, terms [2, B], grad (or empty), scale state [1], call index used [1])."""
+def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, packed=False):
+    """Forward: (loss, terms [2, B], grad (or empty), scale state [2], call index used [1]).
+
+    One launch when tickets are on (the default; SPEED_TRITON_TICKETS=0: a separate finalize
+    launch). `packed` (eager path) carves the small float32 outputs and the partial sums out of
+    one allocation; the registered op keeps them separate (outputs of an op must not alias)."""
     pred = pred.contiguous()
     x0 = x0.contiguous()
     t = t.contiguous()
     tables = tables.contiguous()
     batch = x0.shape[0]
     n = x0.numel() // batch
-    block, _ = block_config(n)
+    block, warps = block_config(n)
     n_chunks = max(1, triton.cdiv(n, block))
+    n_parts = batch * n_chunks
+    n_terms = 2 if learn_sigma else 1
     dev = x0.device
-    part = torch.empty(2 if learn_sigma else 1, batch * n_chunks, dtype=torch.float32, device=dev)
-    grad = torch.empty_like(pred) if reduce_mean else None
-    _launch_loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, call_offset=1,
-                 compute_loss=True, grad=grad, gscale=None, inv_batch=1.0 / batch, part=part)
-    loss = torch.empty((), dtype=torch.float32, device=dev) if reduce_mean else torch.empty(batch, dtype=torch.float32, device=dev)
-    terms = torch.empty(2, batch, dtype=torch.float32, device=dev)
-    scale = torch.empty(2, dtype=torch.float32, device=dev)  # two slots: see _scale_grad_kernel
+    f32 = dict(dtype=torch.float32, device=dev)
+    n_loss = 1 if reduce_mean else batch
+    if packed:
+        aux = torch.empty(n_terms * n_parts + 2 * batch + n_loss + 2, **f32)
+        part = aux[: n_terms * n_parts]
+        o = n_terms * n_parts
+        terms = aux[o : o + 2 * batch].view(2, batch)
+        o += 2 * batch
+        loss = aux[o] if reduce_mean else aux[o : o + batch]
+        scale = aux[o + n_loss : o + n_loss + 2]
+    else:
+        part = torch.empty(n_terms * n_parts, **f32)
+        terms = torch.empty(2, batch, **f32)
+        loss = torch.empty((), **f32) if reduce_mean else torch.empty(batch, **f32)
+        scale = torch.empty(2, **f32)  # two slots: see _scale_grad_kernel
     call_used = torch.empty(1, dtype=torch.int64, device=dev)
-    block_c = min(128, triton.next_power_of_2(n_chunks))
-    block_b = max(16, min(4096 // block_c, triton.next_power_of_2(batch)))
-    _finalize_kernel[(1,)](
-        part, t, tables, loss, terms, scale, call, call_used,
-        batch, n_chunks, batch * n_chunks, n, tables.shape[1],
-        CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean),
-        BLOCK_B=block_b, BLOCK_C=block_c, NB_B=triton.cdiv(batch, block_b), NB_C=triton.cdiv(n_chunks, block_c),
-        num_warps=4,
+    grad = torch.empty_like(pred) if reduce_mean else pred.new_empty(0)
+    fused = use_tickets()
+    fin = _finalize_blocks(batch, n_chunks)
+    _loss_kernel[(n_parts,)](
+        pred, x0, t, tables, call, P.split_key(k0), P.split_key(k1),
+        grad, part, t, 1.0 / batch,
+        n, n_chunks, tables.shape[1], n_parts,
+        loss, terms, scale, call_used, tickets_for(call) if fused else t, batch,
+        TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=1,
+        COMPUTE_LOSS=True, WRITE_GRAD=bool(reduce_mean), PER_SAMPLE_SCALE=False,
+        BLOCK=block, FUSED_FINALIZE=fused, REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=warps,
     )
-    if grad is None:
-        grad = torch.empty(0, dtype=pred.dtype, device=dev)
+    if not fused:
+        _finalize_kernel[(1,)](
+            part, t, tables, loss, terms, scale, call, call_used,
+            batch, n_chunks, n_parts, n, tables.shape[1],
+            CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=4,
+        )
     return loss, terms, grad, scale, call_used
 
 
@@ -335,10 +369,24 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
     """d(sum_b g[b] * loss_b)/d pred for per-sample grad_output g (reduction 'none' backward)."""
     pred = pred.contiguous()
     x0 = x0.contiguous()
+    t = t.contiguous()
+    tables = tables.contiguous()
     g = grad_output.to(torch.float32).contiguous()  # an expanded (stride-0) g is made dense
     grad = torch.empty_like(pred)
-    _launch_loss(pred, x0, t.contiguous(), tables.contiguous(), k0, k1, call_used, target, learn_sigma,
-                 call_offset=0, compute_loss=False, grad=grad, gscale=g, inv_batch=1.0, part=None)
+    batch = x0.shape[0]
+    n = x0.numel() // batch
+    block, warps = block_config(n)
+    n_chunks = max(1, triton.cdiv(n, block))
+    _loss_kernel[(batch * n_chunks,)](
+        pred, x0, t, tables, call_used, P.split_key(k0), P.split_key(k1),
+        grad, g, g, 1.0,
+        n, n_chunks, tables.shape[1], batch * n_chunks,
+        g, g, g, t, t, batch,
+        TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=0,
+        COMPUTE_LOSS=False, WRITE_GRAD=True, PER_SAMPLE_SCALE=True,
+        BLOCK=block, FUSED_FINALIZE=False, REDUCE_MEAN=False, BLOCK_B=16, BLOCK_C=16, NB_B=1, NB_C=1,
+        num_warps=warps,
+    )
     return grad
 
 

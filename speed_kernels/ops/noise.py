@@ -5,8 +5,9 @@ One launch, flat grid over (sample, chunk): program p handles elements
 [c*BLOCK, (c+1)*BLOCK) of sample b = p // n_chunks. Every program of a sample recomputes its t
 (one Philox call and a ~10-step search of a table that sits in L1/L2): cheaper than a second
 launch or a grid-wide dependency. The call counter is read from the device tensor `call` inside
-the kernel and advanced with `call.add_(1)` after the launch, so nothing syncs with the host and
-a captured CUDA graph draws fresh numbers on every replay.
+the kernel and advanced by the kernel's last program (an acq_rel ticket tells it that all others
+have read the counter; SPEED_TRITON_TICKETS=0: `call.add_(1)` after the launch instead), so
+nothing syncs with the host and a captured CUDA graph draws fresh numbers on every replay.
 """
 from __future__ import annotations
 
@@ -26,6 +27,29 @@ ROW_SQRT_AB = tl.constexpr(ROW_SQRT_AB)
 ROW_SQRT_1MAB = tl.constexpr(ROW_SQRT_1MAB)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+_TICKETS: dict = {}
+
+
+def use_tickets() -> bool:
+    """Last-program tickets (the default) fold the counter increment into the noise kernel and
+    the reduction into the loss kernel; SPEED_TRITON_TICKETS=0 uses separate launches instead."""
+    return os.environ.get("SPEED_TRITON_TICKETS", "1") != "0"
+
+
+def tickets_for(call: torch.Tensor) -> torch.Tensor:
+    """int32 [2] scratch (noise ticket, loss ticket) that belongs to a call-counter tensor.
+    Zero between launches: the last program of each launch resets its ticket. (Two launches
+    on one counter must not run concurrently on different streams -- the counter would race too.)"""
+    key = (call.device, call.data_ptr())
+    tk = _TICKETS.get(key)
+    if tk is None:
+        if len(_TICKETS) > 256:  # counters that come and go (e.g. cloned by a compiled graph)
+            _TICKETS.clear()
+        tk = torch.zeros(2, dtype=torch.int32, device=call.device)
+        _TICKETS[key] = tk
+    return tk
 
 
 def block_config(n: int) -> tuple[int, int]:
@@ -52,9 +76,10 @@ def _eps_tile(grp, lane, b, call_u32, key0, key1):
 
 @triton.jit(do_not_specialize=["k0", "k1", "pivot", "n_draw"])
 def _noise_kernel(
-    x0_ptr, xt_ptr, t_out_ptr, t_in_ptr, tab_ptr, call_ptr,
-    k0, k1, pivot, n_draw, n, n_chunks, T,
+    x0_ptr, xt_ptr, t_out_ptr, t_in_ptr, tab_ptr, call_ptr, ticket_ptr,
+    k0, k1, pivot, n_draw, n, n_chunks, T, n_programs,
     HAS_T: tl.constexpr, MIRROR: tl.constexpr, NITER: tl.constexpr, BLOCK: tl.constexpr,
+    TICKET: tl.constexpr,
 ):
     G: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0)
@@ -71,7 +96,8 @@ def _noise_kernel(
 
     key0 = k0.to(tl.uint32, bitcast=True)
     key1 = k1.to(tl.uint32, bitcast=True)
-    call_u32 = P.as_u32(tl.load(call_ptr))
+    call = tl.load(call_ptr)
+    call_u32 = P.as_u32(call)
     eps = _eps_tile(grp, lane, b, call_u32, key0, key1)
 
     if HAS_T:
@@ -90,6 +116,14 @@ def _noise_kernel(
     xt = sab * x + s1mab * eps
     tl.store(xt_ptr + base + j, xt.to(xt_ptr.dtype.element_ty), mask=mask)
     tl.store(t_out_ptr + b, t, mask=c == 0)
+    if TICKET:
+        # Advance the counter in this launch: the program that takes the last ticket knows every
+        # program has read `call` (their reads precede their acq_rel ticket), so it may write it.
+        tl.debug_barrier()
+        prev = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if prev == n_programs - 1:
+            tl.store(call_ptr, call + 1)
+            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 def check_common(x0: torch.Tensor, tables: torch.Tensor, call: torch.Tensor, name: str = "x0") -> None:
@@ -136,11 +170,13 @@ def noise_launch(x0, t_in, tables, k0, k1, call, mirror, pivot):
     block, warps = block_config(n)
     n_chunks = max(1, triton.cdiv(n, block))  # n == 0 still launches one program per sample for t
     n_draw = batch // 2 + 1 if mirror else batch
+    fused = use_tickets()
     _noise_kernel[(batch * n_chunks,)](
-        x0c, x_t, t, t_in if t_in is not None else t, tab, call,
-        P.split_key(k0), P.split_key(k1), int(pivot), n_draw, n, n_chunks, T,
+        x0c, x_t, t, t_in if t_in is not None else t, tab, call, tickets_for(call) if fused else t,
+        P.split_key(k0), P.split_key(k1), int(pivot), n_draw, n, n_chunks, T, batch * n_chunks,
         HAS_T=t_in is not None, MIRROR=bool(mirror) and t_in is None,
-        NITER=T.bit_length(), BLOCK=block, num_warps=warps,
+        NITER=T.bit_length(), BLOCK=block, TICKET=fused, num_warps=warps,
     )
-    call.add_(1)
+    if not fused:
+        call.add_(1)
     return x_t, t

@@ -133,7 +133,7 @@ class _EagerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
         inputs = (pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean)
-        output = _loss.loss_forward(*inputs)
+        output = _loss.loss_forward(*inputs, packed=True)
         _save(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
         return output[0], output[1]
