@@ -68,6 +68,7 @@ if ARGS.smoke:
 sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 import triton  # noqa: E402
 
 from speed_kernels import reference, rng  # noqa: E402
@@ -89,6 +90,11 @@ from speed_kernels.tables import (  # noqa: E402
 )
 
 DEV = torch.device("cpu" if ARGS.smoke else "cuda")
+# One compiled function per variant shares eager_forward's code object: without a higher limit
+# Dynamo would silently fall back to eager after 8 variants.
+for _name in ("cache_size_limit", "recompile_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 256)
 GPU = not ARGS.smoke
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 T = 1000
