@@ -24,9 +24,10 @@ evaluations; "not reached" when it never does. When the first evaluation is alre
 the target, the step is an upper bound (marked ``<=``; there is no earlier point to interpolate
 from) and the ratio becomes a bound (``>=`` / ``<=``), or is unknown (``?``) when both are.
 
-Default sizes (digits, unet-tiny, 800 steps, batch 128, 4 evaluations of 500 DDIM-20 samples, one
-seed) are set for the 6 default strategies to finish in roughly 10-20 minutes on 2 CPU cores; the
-numbers they give are noisy (compare the spread across ``--seeds`` with the differences).
+Default sizes (digits, unet-tiny, 1000 steps, batch 64, 4 evaluations of 500 DDIM-20 samples, one
+seed) are set for the 6 default strategies to finish in about 10 minutes on 2 otherwise idle CPU
+cores (see the measured wall time written in results.md); the numbers they give are noisy:
+compare the spread across ``--seeds`` with the differences before reading anything into them.
 """
 from __future__ import annotations
 
@@ -236,15 +237,15 @@ def run_compare(
     *,
     data: str = "digits",
     model: str = "auto",
-    steps: int = 800,
-    eval_every: int = 200,
+    steps: int = 1000,
+    eval_every: int = 250,
     seeds: str | Sequence[int] = (0,),
     out: str | os.PathLike = "runs/compare",
     eval_samples: int = 500,
     sample_steps: int = 20,
     sampler: str = "ddim",
     metric: str | None = None,
-    batch_size: int = 128,
+    batch_size: int = 64,
     lr: float | None = None,
     schedule: str = "linear",
     prediction: str = "eps",
@@ -253,6 +254,7 @@ def run_compare(
     device: str = "auto",
     inception: bool | None = None,
     eval_seed: int = 12345,
+    threads: int | None = None,
     command: str | None = None,
     verbose: bool = True,
 ) -> dict:
@@ -272,6 +274,10 @@ def run_compare(
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be ddim or ddpm, got {sampler!r}")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
     dev = _resolve_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -548,8 +554,8 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated strategies (see below)")
     p.add_argument("--data", default="digits", help="digits | fashion-mnist | a folder | a .npy/.npz")
     p.add_argument("--model", default="auto", help="model name (auto: unet-tiny on digits)")
-    p.add_argument("--steps", type=int, default=800, help="training steps per run")
-    p.add_argument("--eval-every", type=int, default=200, help="evaluate every K steps (and at the end)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per run")
+    p.add_argument("--eval-every", type=int, default=250, help="evaluate every K steps (and at the end)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each strategy runs with each")
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.add_argument("--eval-samples", type=int, default=500, help="samples per evaluation (fixed)")
@@ -557,13 +563,16 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--metric", choices=sorted(METRIC_NAMES), default=None,
                    help="score for the speed-up (default: fid when available, else fd, else mmd2)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=None, help="default: the trainer's (1e-3 on digits, else 1e-4)")
     p.add_argument("--schedule", default="linear")
     p.add_argument("--prediction", choices=["eps", "v", "x0"], default="eps")
     p.add_argument("--learn-sigma", action="store_true")
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). Use 1 on a machine other jobs share: "
+                        "oversubscribed OpenMP threads can make each step many times slower")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
     return p
@@ -575,7 +584,7 @@ def cmd_compare(args) -> int:
         seeds=args.seeds, out=args.out, eval_samples=args.eval_samples, sample_steps=args.sample_steps,
         sampler=args.sampler, metric=args.metric, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
         prediction=args.prediction, learn_sigma=args.learn_sigma, backend=args.backend, device=args.device,
-        command="speed-kernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None,
+        threads=args.threads, command="speed-kernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None,
         verbose=not args.quiet,
     )
     return 0
