@@ -66,6 +66,7 @@ def _train_parser(p: argparse.ArgumentParser):
     g.add_argument("--grad-clip", type=float, help=f"max gradient norm, 0 for none (default {d.grad_clip})")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 per rank under torchrun)")
     g.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="fp32 on CUDA too")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g = p.add_argument_group("output")

@@ -224,12 +224,13 @@ class DataOrder:
             perm = torch.randperm(n, generator=g)
             flips = torch.randint(0, 2, (n,), generator=g, dtype=torch.bool)
             perm = perm[self.rank::self.world_size][: self.per_rank]
-            self._perm, self._flips = perm, flips[perm]
+            # one copy per epoch to where the images live: slicing them per step needs no transfer
+            self._perm, self._flips = perm.to(self.images.device), flips[perm].to(self.images.device)
             self._perm_epoch = epoch
         return self._perm, self._flips
 
     def next_indices(self):
-        """Host-side indices and flip bits of the next batch; advances the state."""
+        """Indices and flip bits of the next batch (on the images' device); advances the state."""
         idx, flp = [], []
         need = self.batch_size
         while need:
@@ -246,14 +247,14 @@ class DataOrder:
     def next_batch(self):
         """(x [B, C, H, W] on the device, y [B] or None)."""
         idx, flips = self.next_indices()
-        idx = idx.to(self.images.device)
         x = self.images[idx]
         if self.data.flip:
-            x = torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
         y = self.labels[idx] if self.labels is not None else None
-        if x.device != self.device:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True) if y is not None else None
+        if x.device != self.device:  # large data kept on the host: pinned, so the copy is async
+            pin = self.device.type == "cuda"
+            x = (x.pin_memory() if pin else x).to(self.device, non_blocking=pin)
+            y = (y.pin_memory() if pin else y).to(self.device, non_blocking=pin) if y is not None else None
         return x, y
 
     def state_dict(self):

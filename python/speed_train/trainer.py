@@ -75,6 +75,7 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     bf16: bool = True
     compile: bool = False
+    threads: int | None = None          # CPU threads of torch (None: torch's default; 1 under torchrun)
     # output
     out: str | None = None              # None: runs/<name>
     name: str | None = None             # None: <data>-<model>-<strategy>
@@ -173,6 +174,10 @@ class Trainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self._own_pg = False
         self.device = _pick_device(cfg.device, self.local_rank)
+        # several ranks on one CPU: one thread each, or OpenMP threads fight over the cores
+        threads = cfg.threads or (1 if self.world_size > 1 and self.device.type == "cpu" else None)
+        if threads:
+            torch.set_num_threads(threads)
         if self.world_size > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
@@ -476,6 +481,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.is_main),
                    unit="step", dynamic_ncols=True, desc=cfg.name)
         train_time, last_loss = 0.0, float("nan")
+        log_step, interval_t = self.step, 0.0  # interval_t: training time since the last log row
         t_mark = time.perf_counter()
         try:
             while self.step < cfg.steps:
@@ -501,17 +507,22 @@ class Trainer:
                         acc /= self.world_size
                     n = max(self._acc_n, 1)
                     mean_loss, mean_gn = (acc / n).tolist()
-                    train_time += time.perf_counter() - t_mark
+                    dt = time.perf_counter() - t_mark
+                    train_time += dt
                     t_mark = time.perf_counter()
                     last_loss = mean_loss
+                    # steps_per_s: this interval's training rate (side work excluded)
                     row = {"step": s, "loss": mean_loss, "grad_norm": mean_gn, "lr": self._lr_at(s - 1),
-                           "epoch": self.order.epoch, "steps_per_s": (s - start) / max(train_time, 1e-9)}
+                           "epoch": self.order.epoch, "steps_per_s": (s - log_step) / max(interval_t + dt, 1e-9)}
+                    log_step, interval_t = s, 0.0
                     self._acc_loss.zero_()
                     self._acc_gn.zero_()
                     self._acc_n = 0
                     bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
                 else:
-                    train_time += time.perf_counter() - t_mark
+                    dt = time.perf_counter() - t_mark
+                    train_time += dt
+                    interval_t += dt
                 if eval_now and self.is_main:
                     devs = [self.device] if self.device.type == "cuda" else []
                     with torch.random.fork_rng(devices=devs):

@@ -10,6 +10,16 @@ from speed_train import models as M
 from speed_train import sampling as S
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models gain little from a second thread, and on a loaded machine OpenMP threads
+    # that wait for each other make these tests many times slower; restore afterwards
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------- models
 
 
