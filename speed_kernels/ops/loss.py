@@ -305,9 +305,11 @@ def check_loss_inputs(pred, x0, t, tables, call, learn_sigma: bool, target: int)
         raise ValueError(f"target must be 0 (eps), 1 (v) or 2 (x0), got {target!r}")
 
 
-def _finalize_blocks(batch: int, n_chunks: int) -> dict:
-    block_c = min(128, triton.next_power_of_2(n_chunks))
-    block_b = max(16, min(4096 // block_c, triton.next_power_of_2(batch)))
+def _finalize_blocks(batch: int, n_chunks: int, tile: int) -> dict:
+    """Tile of the fixed-order reduction. Fused into the loss kernel the tile is small (512):
+    registers are allocated for the kernel's peak, and a big tile there would cost occupancy."""
+    block_c = min(tile // 4, triton.next_power_of_2(n_chunks))
+    block_b = max(1, min(tile // block_c, triton.next_power_of_2(batch)))
     return dict(BLOCK_B=block_b, BLOCK_C=block_c, NB_B=triton.cdiv(batch, block_b), NB_C=triton.cdiv(n_chunks, block_c))
 
 
@@ -323,7 +325,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
     tables = tables.contiguous()
     batch = x0.shape[0]
     n = x0.numel() // batch
-    block, warps = block_config(n)
+    block, warps = block_config(n, heavy=learn_sigma)
     n_chunks = max(1, triton.cdiv(n, block))
     n_parts = batch * n_chunks
     n_terms = 2 if learn_sigma else 1
@@ -346,7 +348,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
     call_used = torch.empty(1, dtype=torch.int64, device=dev)
     grad = torch.empty_like(pred) if reduce_mean else pred.new_empty(0)
     fused = use_tickets()
-    fin = _finalize_blocks(batch, n_chunks)
+    fin = _finalize_blocks(batch, n_chunks, 512 if fused else 4096)
     _loss_kernel[(n_parts,)](
         pred, x0, t, tables, call, P.split_key(k0), P.split_key(k1),
         grad, part, t, 1.0 / batch,
@@ -375,7 +377,7 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
     grad = torch.empty_like(pred)
     batch = x0.shape[0]
     n = x0.numel() // batch
-    block, warps = block_config(n)
+    block, warps = block_config(n, heavy=learn_sigma)
     n_chunks = max(1, triton.cdiv(n, block))
     _loss_kernel[(batch * n_chunks,)](
         pred, x0, t, tables, call_used, P.split_key(k0), P.split_key(k1),

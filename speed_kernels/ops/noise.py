@@ -52,12 +52,13 @@ def tickets_for(call: torch.Tensor) -> torch.Tensor:
     return tk
 
 
-def block_config(n: int) -> tuple[int, int]:
+def block_config(n: int, heavy: bool = False) -> tuple[int, int]:
     """(BLOCK elements per program, num_warps) for n elements per sample. 2048 elements = 512
     Philox groups per program keeps enough programs in flight at DiT-latent sizes (256 samples x
-    2 chunks of 4x32x32) and amortises the per-program t search at large ones.
+    2 chunks of 4x32x32) and amortises the per-program t search at large ones. `heavy` (the
+    learned-sigma loss: ~3x the live values per element) halves it to keep registers < 128.
     SPEED_TRITON_BLOCK overrides it (benchmark sweeps)."""
-    cap = int(os.environ.get("SPEED_TRITON_BLOCK", "2048"))
+    cap = int(os.environ.get("SPEED_TRITON_BLOCK", "1024" if heavy else "2048"))
     block = max(64, min(cap, triton.next_power_of_2(max(n, 1))))
     warps = 4 if block <= 2048 else 8
     return block, warps
