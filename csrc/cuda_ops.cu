@@ -250,7 +250,8 @@ int blocks_per_sample(int64_t B, int64_t n, int num_sms) {
   const int64_t fill = (8ll * num_sms + B - 1) / B;               // ~8 blocks per SM over the grid
   int64_t bps = need < fill ? need : fill;
   if (bps < 1) bps = 1;
-  const int64_t max_grid = 2147483647ll / (B > 0 ? B : 1);
+  int64_t max_grid = 2147483647ll / (B > 0 ? B : 1);
+  if (max_grid < 1) max_grid = 1;  // B >= 2^31: the launch fails with a clear CUDA error
   if (bps > max_grid) bps = max_grid;
   return static_cast<int>(bps);
 }
