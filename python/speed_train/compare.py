@@ -255,11 +255,16 @@ def run_compare(
     inception: bool | None = None,
     eval_seed: int = 12345,
     threads: int | None = None,
+    reuse: bool = False,
     command: str | None = None,
     verbose: bool = True,
 ) -> dict:
     """Train one run per (strategy, seed), evaluate on the way, write the results. Returns a dict
-    with ``rows`` (one per strategy), ``curves``, ``files`` (paths written) and ``meta``."""
+    with ``rows`` (one per strategy), ``curves``, ``files`` (paths written) and ``meta``.
+
+    ``reuse=True``: a (strategy, seed) run whose folder under ``out/runs`` holds a record made with
+    identical settings (training config, evaluation settings, evaluator floor) is read back instead
+    of trained again, so seeds or strategies can be added to an earlier comparison."""
     import torch
 
     from .metrics import Evaluator
@@ -325,6 +330,19 @@ def run_compare(
                     "q_n_samples": scores["n_samples"], "q_sample_steps": scores["sample_steps"],
                     "q_sampler": scores["sampler"]}
 
+            signature = {
+                "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "name", "progress")},
+                "eval": {"every": eval_every, "samples": eval_samples, "sampler": sampler, "steps": sample_steps,
+                         "seed": eval_seed, "floor": {k: round(float(v), 10) for k, v in evaluator.floor.items()}},
+            }
+            record = run_dir / "compare_run.json"
+            if reuse and record.is_file():
+                saved = json.loads(record.read_text())
+                if saved.get("signature") == json.loads(json.dumps(signature, default=str)):
+                    say(f"compare: reusing {label} (seed {seed}) from {record}")
+                    runs[label][seed] = saved["run"]
+                    continue
+                say(f"compare: {record} was made with other settings; training again")
             say(f"compare: training {label} (seed {seed}, {steps} steps) -> {run_dir}")
             trainer = Trainer(cfg)
             try:
@@ -343,6 +361,7 @@ def run_compare(
                 "loss_fn": repr(trainer.loss_fn),
                 "dir": str(run_dir),
             }
+            record.write_text(json.dumps({"signature": signature, "run": runs[label][seed]}, indent=1, default=str))
 
     result = _summarise(specs, seed_list, runs, metric, evaluator)
     meta = {
@@ -573,6 +592,8 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). Use 1 on a machine other jobs share: "
                         "oversubscribed OpenMP threads can make each step many times slower")
+    p.add_argument("--reuse", action="store_true",
+                   help="read back runs already in --out made with identical settings (add seeds or strategies)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
     return p
@@ -584,7 +605,7 @@ def cmd_compare(args) -> int:
         seeds=args.seeds, out=args.out, eval_samples=args.eval_samples, sample_steps=args.sample_steps,
         sampler=args.sampler, metric=args.metric, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
         prediction=args.prediction, learn_sigma=args.learn_sigma, backend=args.backend, device=args.device,
-        threads=args.threads, command="speed-kernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None,
+        threads=args.threads, reuse=args.reuse, command="speed-kernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None,
         verbose=not args.quiet,
     )
     return 0

@@ -134,7 +134,7 @@ def test_dit_adapter_equals_dit_training_losses_for_uniform(batch, learn_sigma):
     ref = RefGaussianDiffusion(_dit_linear_betas(1000), learn_sigma)
     want = ref.training_losses(model, x0, t, dict(y=y), noise)
     diffusion = create_speed_diffusion(timestep_respacing="", learn_sigma=learn_sigma, strategy="uniform", backend="torch")
-    assert diffusion.num_timesteps == 1000
+    assert isinstance(diffusion, SpeeDDiffusion) and diffusion.num_timesteps == 1000
     got = diffusion.training_losses(model, x0, t, dict(y=y), noise=noise)
     keys = {"loss", "mse", "vb"} if learn_sigma else {"loss", "mse"}
     assert keys <= set(got)

@@ -1,7 +1,6 @@
 """`compare`: strategy-list parsing, the speed-up reading, and a tiny end-to-end run."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -74,11 +73,12 @@ def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monke
     from speed_kernels.cli import main
 
     out = tmp_path / "cmp"
-    rc = main([
+    argv = [
         "compare", "--strategies", "uniform,speed:k=5,lam=0.6", "--steps", "8", "--eval-every", "4",
         "--eval-samples", "40", "--sample-steps", "3", "--batch-size", "16", "--model", "unet-tiny",
         "--device", "cpu", "--out", str(out), "--seeds", "0",
-    ])
+    ]
+    rc = main(argv)
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| strategy | final fd" in printed and "| speed:k=5,lam=0.6 |" in printed
@@ -104,6 +104,14 @@ def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monke
     evals = [r for r in rows if "q_fd" in r]
     assert [r["step"] for r in evals] == [4, 8]
     assert all(r["q_n_samples"] == 40 and r["q_sample_steps"] == 3 for r in evals)
+
+    # --reuse reads the runs back instead of training again; other settings train again
+    assert main(argv + ["--reuse"]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing uniform (seed 0)" in printed and "reusing speed:k=5,lam=0.6 (seed 0)" in printed
+    assert "compare: training" not in printed
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == res["rows"]
 
 
 def test_compare_cli_reports_bad_strategy(tmp_path, capsys):
