@@ -56,12 +56,12 @@ for dt in ("fp32", "bf16"):
             c = dict(TARGET=target_, LEARN_SIGMA=ls, CALL_OFFSET=1 if mode != "bwd" else 0,
                      COMPUTE_LOSS=mode != "bwd", WRITE_GRAD=mode in ("fwd", "fwd-sep", "bwd"), PER_SAMPLE_SCALE=mode == "bwd",
                      BLOCK=int(os.environ.get("LB", 2048)), FUSED_FINALIZE=mode in ("fwd", "fwd-none"), REDUCE_MEAN=mode in ("fwd", "fwd-sep"),
-                     BLOCK_B=int(os.environ.get("BB", 4)), BLOCK_C=int(os.environ.get("BC", 128)), NB_B=2, NB_C=1)
+                     BLOCK_B=int(os.environ.get("BB", 4)), BLOCK_C=int(os.environ.get("BC", 128)))
             compile_(L._loss_kernel, sig, c, 4, f"loss {dt} target={target_} ls={ls} {mode}")
 if which in ("all", "misc"):
     sig = dict(part_ptr="*fp32", t_ptr="*i64", tab_ptr="*fp32", loss_ptr="*fp32", terms_ptr="*fp32", scale_ptr="*fp32",
                call_ptr="*i64", call_used_ptr="*i64", B="i32", n_chunks="i32", n_parts="i32", n="i32", T="i32")
     for rm in (True, False):
-        compile_(L._finalize_kernel, sig, dict(CALL_OFFSET=1, LEARN_SIGMA=True, REDUCE_MEAN=rm, BLOCK_B=32, BLOCK_C=128, NB_B=2, NB_C=3), 4, f"finalize rm={rm}")
+        compile_(L._finalize_kernel, sig, dict(CALL_OFFSET=1, LEARN_SIGMA=True, REDUCE_MEAN=rm, BLOCK_B=32, BLOCK_C=128), 4, f"finalize rm={rm}")
     for dt in ("fp32", "bf16"):
         compile_(L._scale_grad_kernel, dict(grad_ptr=f"*{dt}", state_ptr="*fp32", g_ptr="*fp32", N="i64"), dict(PARITY=0, BLOCK=4096), 8, f"scale {dt}")

@@ -120,7 +120,7 @@ def _loss_kernel(
     TARGET: tl.constexpr, LEARN_SIGMA: tl.constexpr, CALL_OFFSET: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, PER_SAMPLE_SCALE: tl.constexpr,
     BLOCK: tl.constexpr, FUSED_FINALIZE: tl.constexpr, REDUCE_MEAN: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, NB_B: tl.constexpr, NB_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     NEED_EPS: tl.constexpr = (TARGET != 2) or LEARN_SIGMA
     NEED_X0: tl.constexpr = (TARGET != 0) or LEARN_SIGMA
@@ -208,8 +208,7 @@ def _loss_kernel(
         prev = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         if prev == n_parts - 1:
             _finalize_body(part_ptr, t_ptr, tab_ptr, loss_ptr, terms_ptr, scale_ptr, call_ptr, call_used_ptr,
-                           B, n_chunks, n_parts, n, T, CALL_OFFSET, LEARN_SIGMA, REDUCE_MEAN,
-                           BLOCK_B, BLOCK_C, NB_B, NB_C)
+                           B, n_chunks, n_parts, n, T, CALL_OFFSET, LEARN_SIGMA, REDUCE_MEAN, BLOCK_B, BLOCK_C)
             tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
@@ -218,25 +217,28 @@ def _finalize_body(
     part_ptr, t_ptr, tab_ptr, loss_ptr, terms_ptr, scale_ptr, call_ptr, call_used_ptr,
     B, n_chunks, n_parts, n, T,
     CALL_OFFSET: tl.constexpr, LEARN_SIGMA: tl.constexpr, REDUCE_MEAN: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, NB_B: tl.constexpr, NB_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Fixed-order reduction of the partial sums (deterministic): terms, loss, state.
-    Loop trip counts are constexpr (NB_B, NB_C): runtime-bounded loops do not run under the
-    interpreter with NumPy 2.x, and B and n are fixed in a training run anyway."""
+    While loops with runtime bounds (`for ... in range(B)` does not run under the interpreter
+    with NumPy 2.x); the tile shape depends only on powers of two of B and n_chunks."""
     n_f = n * 1.0
     total = tl.sum(tl.zeros([BLOCK_B], tl.float32), axis=0)
-    for ib in range(NB_B):
-        bs = ib * BLOCK_B + tl.arange(0, BLOCK_B)
+    b0 = tl.program_id(0) * 0
+    while b0 < B:
+        bs = b0 + tl.arange(0, BLOCK_B)
         bm = bs < B
         sse = tl.zeros([BLOCK_B], tl.float32)
         vbs = tl.zeros([BLOCK_B], tl.float32)
-        for ic in range(NB_C):
-            cs = ic * BLOCK_C + tl.arange(0, BLOCK_C)
+        c0 = tl.program_id(0) * 0
+        while c0 < n_chunks:
+            cs = c0 + tl.arange(0, BLOCK_C)
             m = bm[:, None] & (cs[None, :] < n_chunks)
             idx = bs.to(tl.int64)[:, None] * n_chunks + cs[None, :]
             sse += tl.sum(tl.load(part_ptr + idx, mask=m, other=0.0, cache_modifier=".cg"), axis=1)
             if LEARN_SIGMA:
                 vbs += tl.sum(tl.load(part_ptr + n_parts + idx, mask=m, other=0.0, cache_modifier=".cg"), axis=1)
+            c0 += BLOCK_C
         t = tl.load(t_ptr + bs, mask=bm, other=0)
         w = tl.load(tab_ptr + ROW_WEIGHT * T + t, mask=bm, other=0.0)
         mse = (sse / n_f) * w
@@ -248,6 +250,7 @@ def _finalize_body(
             total += tl.sum(tl.where(bm, per, 0.0), axis=0)
         else:
             tl.store(loss_ptr + bs, per, mask=bm)
+        b0 += BLOCK_B
     if REDUCE_MEAN:
         tl.store(loss_ptr, total / B)
         tl.store(scale_ptr, 1.0)
@@ -259,11 +262,10 @@ def _finalize_kernel(
     part_ptr, t_ptr, tab_ptr, loss_ptr, terms_ptr, scale_ptr, call_ptr, call_used_ptr,
     B, n_chunks, n_parts, n, T,
     CALL_OFFSET: tl.constexpr, LEARN_SIGMA: tl.constexpr, REDUCE_MEAN: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, NB_B: tl.constexpr, NB_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     _finalize_body(part_ptr, t_ptr, tab_ptr, loss_ptr, terms_ptr, scale_ptr, call_ptr, call_used_ptr,
-                   B, n_chunks, n_parts, n, T, CALL_OFFSET, LEARN_SIGMA, REDUCE_MEAN,
-                   BLOCK_B, BLOCK_C, NB_B, NB_C)
+                   B, n_chunks, n_parts, n, T, CALL_OFFSET, LEARN_SIGMA, REDUCE_MEAN, BLOCK_B, BLOCK_C)
 
 
 @triton.jit
@@ -310,7 +312,7 @@ def _finalize_blocks(batch: int, n_chunks: int, tile: int) -> dict:
     registers are allocated for the kernel's peak, and a big tile there would cost occupancy."""
     block_c = min(tile // 4, triton.next_power_of_2(n_chunks))
     block_b = max(1, min(tile // block_c, triton.next_power_of_2(batch)))
-    return dict(BLOCK_B=block_b, BLOCK_C=block_c, NB_B=triton.cdiv(batch, block_b), NB_C=triton.cdiv(n_chunks, block_c))
+    return dict(BLOCK_B=block_b, BLOCK_C=block_c)
 
 
 def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, packed=False):
@@ -386,7 +388,7 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
         g, g, g, t, t, batch,
         TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=0,
         COMPUTE_LOSS=False, WRITE_GRAD=True, PER_SAMPLE_SCALE=True,
-        BLOCK=block, FUSED_FINALIZE=False, REDUCE_MEAN=False, BLOCK_B=16, BLOCK_C=16, NB_B=1, NB_C=1,
+        BLOCK=block, FUSED_FINALIZE=False, REDUCE_MEAN=False, BLOCK_B=16, BLOCK_C=16,
         num_warps=warps,
     )
     return grad
