@@ -13,7 +13,8 @@ repeat (so background load hits both sides alike), median and p20/p80 over the r
     python benchmarks/bench_cpu.py                      # both shapes, uniform and SpeeD
     python benchmarks/bench_cpu.py --repeats 10 --shapes 64x3x64x64
 
-Writes benchmarks/results/cpu_<host>.md and .csv with the machine, versions, date and command.
+Writes benchmarks/results/cpu_<host>.md and .csv (cpu_<host>_t<N> with --threads N) with the
+machine, versions, date, command and the load average (the numbers move with background load).
 """
 from __future__ import annotations
 
@@ -169,7 +170,7 @@ def main(argv=None):
     load_after = os.getloadavg()
 
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"cpu_{host}")
+    base = os.path.join(args.out, f"cpu_{host}" + (f"_t{args.threads}" if args.threads else ""))
     fields = ["shape", "dtype", "strategy", "impl", "median_ms", "p20_ms", "p80_ms", "speedup_vs_eager", "repeats"]
     with open(base + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
