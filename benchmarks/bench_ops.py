@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=40.0)
     p.add_argument("--no-sweep", action="store_true", help="skip the Triton block-size sweep")
+    p.add_argument("--time-budget-s", type=float, default=150.0,
+                   help="skip the variants (and the sweep) that would start after this many seconds")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = "/tmp/speed_bench_smoke" if args.smoke else os.path.join(HERE, "results")
@@ -297,9 +299,14 @@ def main():
     rows = []
     compile_spent = 0.0
     modes = ["eager"] + ([] if (ARGS.no_graph or not GPU) else ["graph"])
-    for shape in shapes:
-        for dname in dtypes:
+    # fp32 first (the targets), then the other dtypes; results are written after every variant
+    for dname in dtypes:
+        for shape in shapes:
             for strat in strategies:
+                if time.time() - t_start > ARGS.time_budget_s:
+                    rows.append(dict(shape="x".join(map(str, shape)), dtype=dname, strategy=strat, impl="all",
+                                     mode="", note="skipped (time budget)"))
+                    continue
                 var = Variant(shape, DTYPES[dname], strat)
                 floor_us = var.bytes / (bw * 1e9) * 1e6
                 steps = {}
@@ -365,7 +372,8 @@ def main():
                 write_results(rows, [], bw, time.time() - t_start, quiet=True)
                 if GPU:
                     torch.cuda.empty_cache()
-    sweep = [] if (ARGS.no_sweep or ARGS.smoke or "triton" not in backend_objs) else block_sweep(backend_objs["triton"], bw)
+    late = time.time() - t_start > ARGS.time_budget_s
+    sweep = [] if (ARGS.no_sweep or ARGS.smoke or late or "triton" not in backend_objs) else block_sweep(backend_objs["triton"], bw)
     elapsed = time.time() - t_start
     write_results(rows, sweep, bw, elapsed)
     log(f"done in {elapsed:.0f} s")

@@ -11,13 +11,13 @@ OUT="${OUT:-/tmp/speed_gpu_check}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
-T_BUILD="${T_BUILD:-100}"
-T_TESTS="${T_TESTS:-100}"
-T_BENCH="${T_BENCH:-190}"
+T_BUILD="${T_BUILD:-80}"
+T_TESTS="${T_TESTS:-130}"
+T_BENCH="${T_BENCH:-150}"
 # SMOKE=1: rehearse the whole script on a CPU-only machine (tests and benchmark through the
 # Triton interpreter, tiny shapes; nothing is measured)
 SMOKE="${SMOKE:-0}"
-BENCH_ARGS=(--compile-budget-s 60)
+BENCH_ARGS=(--compile-budget-s 40 --time-budget-s 115 --rep-ms 30)
 if [ "$SMOKE" = 1 ]; then export SPEED_GPU_SMOKE=1; BENCH_ARGS=(--smoke --dtypes fp32 --out "$OUT/results"); fi
 FAILED=()
 
@@ -52,7 +52,8 @@ python3 -c "from speed_kernels.backends import backends; print('backends:', back
 if [ "$SMOKE" = 1 ]; then
   step tests "$T_TESTS" "$OUT/pytest_gpu.log" python3 -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py
 else
-  step tests "$T_TESTS" "$OUT/pytest_gpu.log" python3 -m pytest -m gpu -q -p no:cacheprovider tests/
+  # -v, not -q: if the step times out, the log still says which tests passed
+  step tests "$T_TESTS" "$OUT/pytest_gpu.log" python3 -m pytest -m gpu -v -p no:cacheprovider tests/
 fi
 
 # (4) op benchmark (writes benchmarks/results/ops_<gpu>.md/.csv after every variant)
