@@ -211,12 +211,13 @@ class Trainer:
         torch.manual_seed(cfg.seed + 7919 * self.rank)  # label dropout differs across ranks
         np.random.seed((cfg.seed + 7919 * self.rank) % 2**32)
 
-        fwd = torch.compile(self.model) if cfg.compile else self.model
+        fwd = self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.fwd = fwd
+        # compile outside DDP, as PyTorch recommends (its DDP optimizer splits at bucket edges)
+        self.fwd = torch.compile(fwd) if cfg.compile else fwd
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type == "cuda")
