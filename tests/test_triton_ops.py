@@ -254,6 +254,15 @@ def test_loss_regenerates_eps_of_latest_call_and_is_deterministic():
     assert torch.equal(a, b)
 
 
+def test_no_grad_path_matches():
+    tables, x0, t, call, pred = _loss_case(0, True)
+    k0, k1 = KEY
+    with torch.no_grad():
+        a, ta = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, True, True)
+    b, tb = BACKEND.loss(pred.clone().requires_grad_(), x0, t, tables, k0, k1, call, 0, True, True)
+    assert torch.equal(a, b.detach()) and torch.equal(ta, tb) and not a.requires_grad
+
+
 def test_backward_scaling_in_place_and_retain_graph():
     tables, x0, t, call, pred = _loss_case(0, False)
     k0, k1 = KEY

@@ -315,7 +315,7 @@ def _finalize_blocks(batch: int, n_chunks: int, tile: int) -> dict:
     return dict(BLOCK_B=block_b, BLOCK_C=block_c)
 
 
-def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, packed=False):
+def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, packed=False, need_grad=True):
     """Forward: (loss, terms [2, B], grad (or empty), scale state [2], call index used [1]).
 
     One launch when tickets are on (the default; SPEED_TRITON_TICKETS=0: a separate finalize
@@ -348,7 +348,8 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
         loss = torch.empty((), **f32) if reduce_mean else torch.empty(batch, **f32)
         scale = torch.empty(2, **f32)  # two slots: see _scale_grad_kernel
     call_used = torch.empty(1, dtype=torch.int64, device=dev)
-    grad = torch.empty_like(pred) if reduce_mean else pred.new_empty(0)
+    write_grad = bool(reduce_mean) and need_grad  # no gradient pass for evaluation (no_grad)
+    grad = torch.empty_like(pred) if write_grad else pred.new_empty(0)
     fused = use_tickets()
     fin = _finalize_blocks(batch, n_chunks, 512 if fused else 4096)
     _loss_kernel[(n_parts,)](
@@ -357,7 +358,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
         n, n_chunks, tables.shape[1], n_parts,
         loss, terms, scale, call_used, tickets_for(call) if fused else t, batch,
         TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=1,
-        COMPUTE_LOSS=True, WRITE_GRAD=bool(reduce_mean), PER_SAMPLE_SCALE=False,
+        COMPUTE_LOSS=True, WRITE_GRAD=write_grad, PER_SAMPLE_SCALE=False,
         BLOCK=block, FUSED_FINALIZE=fused, REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=warps,
     )
     if not fused:

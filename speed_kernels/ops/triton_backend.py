@@ -192,6 +192,9 @@ class TritonBackend:
         if torch.compiler.is_compiling():
             loss, terms, _grad, _scale, _call_used = torch.ops.speed_triton.loss(*args)
             return loss, terms
+        if not (pred.requires_grad and torch.is_grad_enabled()):  # evaluation: no gradient pass
+            loss, terms, *_ = _loss.loss_forward(*args, packed=True, need_grad=False)
+            return loss, terms
         return _EagerLoss.apply(*args)
 
     def __repr__(self) -> str:
