@@ -68,8 +68,10 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int) -> tuple[torch.Tensor, ...]:
     """Philox4x32-10 on int64 tensors holding unsigned 32-bit values (broadcast together).
 
     Returns four int64 tensors with values in [0, 2^32)."""
+    # Python ints become tensors on the device of the tensor arguments (CPU if there are none).
+    device = next((c.device for c in (c0, c1, c2, c3) if isinstance(c, torch.Tensor)), None)
     c0, c1, c2, c3 = torch.broadcast_tensors(
-        *[torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)]
+        *[torch.as_tensor(c, dtype=torch.int64, device=device) for c in (c0, c1, c2, c3)]
     )
     c0, c1, c2, c3 = (c & MASK32 for c in (c0, c1, c2, c3))
     k0 &= MASK32

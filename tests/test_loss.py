@@ -261,3 +261,18 @@ def test_call_runs_the_model_between():
     loss = fn(model, torch.randn(4, 1, 2, 2), y=torch.arange(4))
     assert loss.ndim == 0 and torch.equal(seen["y"], torch.arange(4))
     assert "DiffusionLoss(" in repr(fn) and "torch" in repr(fn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["uniform", "speed"])
+def test_torch_backend_on_cuda_matches_cpu(strategy):
+    sched = NoiseSchedule.linear()
+    x0 = torch.randn(16, 3, 8, 8)
+    cpu = DiffusionLoss(sched, strategy, backend="torch", seed=5)
+    gpu = DiffusionLoss(sched, strategy, backend="torch", seed=5)
+    xc, tc = cpu.noise(x0)
+    xg, tg = gpu.noise(x0.cuda())
+    assert torch.equal(tc, tg.cpu())
+    torch.testing.assert_close(xg.cpu(), xc, rtol=1e-5, atol=1e-5)
+    pred = torch.randn_like(x0)
+    torch.testing.assert_close(gpu.loss(pred.cuda(), x0.cuda(), tg).cpu(), cpu.loss(pred, x0, tc), rtol=1e-5, atol=1e-6)
