@@ -17,7 +17,6 @@ from speed_kernels.tables import ROW_SQRT_AB, TARGETS, build_tables
 
 triton = pytest.importorskip("triton")
 tb_mod = pytest.importorskip("speed_kernels.ops.triton_backend")
-from speed_kernels.ops import loss as loss_mod  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 T = 1000
