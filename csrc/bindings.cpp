@@ -47,5 +47,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox4x32", &philox4x32, "Philox4x32-10 output words for counter (c0..c3) and key (k0, k1)");
   m.def("fold_key", &fold_key, "(k0, k1) of seed ^ (rank * golden ratio)");
   m.def("group_normals", &group_normals, "the four normals of element group g (C++ header path)");
+#if defined(__x86_64__) && defined(__GNUC__)
   m.attr("cpu_avx2") = py::bool_(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+#else
+  m.attr("cpu_avx2") = py::bool_(false);  // other CPUs run the portable loops
+#endif
 }
