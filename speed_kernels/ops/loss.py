@@ -370,7 +370,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
         _finalize_kernel[(1,)](
             part, t, tables, loss, terms, scale, call, call_used,
             batch, n_chunks, n_parts, n, tables.shape[1],
-            CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=4,
+            CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=8,
         )
     return loss, terms, grad, scale, call_used
 
