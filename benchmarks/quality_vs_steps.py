@@ -40,7 +40,8 @@ def main(argv=None) -> int:
         seeds=args.seeds, out=out, eval_samples=args.eval_samples, sample_steps=args.sample_steps,
         sampler=args.sampler, metric=args.metric, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
         prediction=args.prediction, learn_sigma=args.learn_sigma, backend=args.backend, device=args.device,
-        threads=args.threads, reuse=args.reuse, command=command.strip(), verbose=not args.quiet,
+        threads=args.threads, reuse=args.reuse, keep_checkpoints=args.keep_checkpoints,
+        command=command.strip(), verbose=not args.quiet,
     )
     return 0
 

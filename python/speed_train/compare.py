@@ -256,6 +256,7 @@ def run_compare(
     eval_seed: int = 12345,
     threads: int | None = None,
     reuse: bool = False,
+    keep_checkpoints: bool = False,
     command: str | None = None,
     verbose: bool = True,
 ) -> dict:
@@ -264,7 +265,8 @@ def run_compare(
 
     ``reuse=True``: a (strategy, seed) run whose folder under ``out/runs`` holds a record made with
     identical settings (training config, evaluation settings, evaluator floor) is read back instead
-    of trained again, so seeds or strategies can be added to an earlier comparison."""
+    of trained again, so seeds or strategies can be added to an earlier comparison.
+    ``keep_checkpoints=False`` deletes each run's final ckpt.pt once its curve is recorded."""
     import torch
 
     from .metrics import Evaluator
@@ -349,6 +351,8 @@ def run_compare(
                 summary = trainer.run(eval_fn=eval_fn, eval_every=eval_every)
             finally:
                 trainer.close()
+            if not keep_checkpoints and trainer.ckpt_path.exists():
+                trainer.ckpt_path.unlink()  # the model/optimizer state is large; the curves are what we keep
             runs[label][seed] = {
                 "evals": evals,
                 "final_loss": summary["final_loss"],
@@ -594,6 +598,8 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
                         "oversubscribed OpenMP threads can make each step many times slower")
     p.add_argument("--reuse", action="store_true",
                    help="read back runs already in --out made with identical settings (add seeds or strategies)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each run's final ckpt.pt (default: delete it; metrics, samples and logs stay)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
     return p
@@ -605,7 +611,8 @@ def cmd_compare(args) -> int:
         seeds=args.seeds, out=args.out, eval_samples=args.eval_samples, sample_steps=args.sample_steps,
         sampler=args.sampler, metric=args.metric, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
         prediction=args.prediction, learn_sigma=args.learn_sigma, backend=args.backend, device=args.device,
-        threads=args.threads, reuse=args.reuse, command="speed-kernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None,
+        threads=args.threads, reuse=args.reuse, keep_checkpoints=args.keep_checkpoints,
+        command="speed-kernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None,
         verbose=not args.quiet,
     )
     return 0

@@ -104,6 +104,8 @@ def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monke
     evals = [r for r in rows if "q_fd" in r]
     assert [r["step"] for r in evals] == [4, 8]
     assert all(r["q_n_samples"] == 40 and r["q_sample_steps"] == 3 for r in evals)
+    assert (out / "runs" / "uniform-seed0" / "eval_samples.png").is_file()
+    assert not (out / "runs" / "uniform-seed0" / "ckpt.pt").exists()  # deleted unless --keep-checkpoints
 
     # --reuse reads the runs back instead of training again; other settings train again
     assert main(argv + ["--reuse"]) == 0
