@@ -85,7 +85,8 @@ class DiffusionLoss:
         self._tables: dict[torch.device, torch.Tensor] = {}
         self._host_tables = self._build_host_tables()
         self.pivot = int(self.strategy.pivot(schedule)) if self.strategy.mirror else 0
-        self.last_terms: dict[str, torch.Tensor] = {}
+        self._last_terms: torch.Tensor | None = None
+        self.last_t: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- tables
     def _build_host_tables(self) -> torch.Tensor:
@@ -131,13 +132,21 @@ class DiffusionLoss:
         """The device tensor holding the index of the next noise call (moves with the data)."""
         device = _resolve(device)
         if self._call is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # a counter allocated inside a capture would be re-filled on every replay
+                raise RuntimeError(
+                    "DiffusionLoss: run one noise()/loss() step before capturing a CUDA graph "
+                    "(it allocates the device counter and tables; Triton compiles its kernels)"
+                )
             self._call = torch.full((1,), self._call_start, dtype=torch.int64, device=device)
         elif self._call.device != device:
             self._call = self._call.to(device)
         return self._call
 
-    def backend(self, device):
-        """The backend object that runs on `device`."""
+    def backend(self, device, dtype: torch.dtype = torch.float32):
+        """The backend object that runs on `device` (`auto` keeps float64 on the reference)."""
+        if self.backend_name == "auto" and dtype == torch.float64:
+            return select("torch", torch.device(device))
         return select(self.backend_name, torch.device(device))
 
     # ----------------------------------------------------------------- checks
@@ -205,7 +214,7 @@ class DiffusionLoss:
             return x_t.to(x0.dtype), t
         call = self._counter(x0.device)
         mirror = bool(self.strategy.mirror) and t is None
-        x_t, t = self.backend(x0.device).noise(x0, t, tab, self.k0, self.k1, call, mirror, self.pivot)
+        x_t, t = self.backend(x0.device, x0.dtype).noise(x0, t, tab, self.k0, self.k1, call, mirror, self.pivot)
         self.step += 1
         return x_t, t
 
@@ -232,19 +241,28 @@ class DiffusionLoss:
         else:
             if self._call is None:
                 raise RuntimeError("loss() regenerates the eps of the latest noise() call: call noise() first")
-            out, terms = self.backend(x0.device).loss(
+            out, terms = self.backend(x0.device, pred.dtype).loss(
                 pred, x0, t, tab, self.k0, self.k1, self._counter(x0.device), self.target, self.learn_sigma, reduce_mean
             )
-        self.last_terms = {"loss": terms[0] + terms[1], "mse": terms[0], "vb": terms[1]}
+        self._last_terms = terms
         self.last_t = t
         if self.strategy.dynamic and self.auto_update:
             self.update_strategy(t, self.unweighted_losses(t, terms))
         return out
 
+    @property
+    def last_terms(self) -> dict:
+        """Detached per-sample "loss", "mse" (weighted) and "vb" of the latest loss() call
+        (formed on access, so a training step that never reads them pays nothing)."""
+        terms = self._last_terms
+        if terms is None:
+            return {}
+        return {"loss": terms[0] + terms[1], "mse": terms[0], "vb": terms[1]}
+
     def unweighted_losses(self, t: torch.Tensor, terms: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample losses without the strategy weight (what loss-aware samplers learn from)."""
         if terms is None:
-            terms = torch.stack([self.last_terms["mse"], self.last_terms["vb"]])
+            terms = self._last_terms
         w = self.tables(t.device)[ROW_WEIGHT][t]
         mse = torch.where(w > 0, terms[0] / w.clamp(min=1e-30), torch.zeros_like(w))
         return mse + terms[1]

@@ -1,6 +1,6 @@
 """The Triton kernels compile for Hopper (sm_90) on a machine without a GPU.
 
-Runs tools/triton_compile_check.py in a subprocess without TRITON_INTERPRET (conftest sets it for
+Runs benchmarks/aot_compile_check.py (bf16 variants) in a subprocess without TRITON_INTERPRET (conftest sets it for
 the interpreter tests, and the compiler needs real JIT functions)."""
 import os
 import subprocess
@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_all_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DTYPES"] = "bf16"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "triton_compile_check.py")],
+        [sys.executable, str(ROOT / "benchmarks" / "aot_compile_check.py")],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
