@@ -1,9 +1,17 @@
 // The `speed_kernels._C` Python module: plain Python helpers (the op registrations live in
 // registration.cpp, linked into the same shared object, so importing _C registers the ops).
-#include <torch/extension.h>
+// Only pybind11 (no torch headers): nothing here touches a tensor, and torch/extension.h is the
+// slowest header of the build by far.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
-#include "ops.h"
+#include <cstdint>
+#include <utility>
+#include <vector>
+
 #include "philox.h"
+
+namespace py = pybind11;
 
 namespace sk = speed_kernels;
 

@@ -15,6 +15,9 @@
 // inputs). The buffer is reused across steps (no fresh pages per step). Off with
 // SPEED_KERNELS_CPU_EPS_CACHE=0; not used above EPS_CACHE_MAX elements.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -508,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_cpu(const at::Tensor& pred_i
     for (int64_t i = 0; i < B; ++i) s += static_cast<double>(mse[i]) + static_cast<double>(vb[i]);
     loss = at::scalar_tensor(static_cast<float>(s / static_cast<double>(B)), x0.options().dtype(at::kFloat));
   } else {
-    loss = terms[0] + terms[1];
+    loss = terms[0].add(terms[1]);
   }
   return {loss, terms, grad};
 }

@@ -2,6 +2,8 @@
 // The kernels themselves (cuda_ops.cu) never see a torch header.
 // c10/cuda only (not ATen/cuda/CUDAContext.h): that one pulls in cuBLAS/cuSPARSE headers, which a
 // minimal toolkit may not have.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 

@@ -2,7 +2,10 @@
 // argument checks every backend shares, so bad input gets the same error on CPU and CUDA.
 #pragma once
 
-#include <ATen/ATen.h>
+// Core tensor header only (not ATen/ATen.h, which pulls in every operator and doubles build time).
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 #include <optional>
 
 #include <tuple>
