@@ -9,7 +9,10 @@ Strategy syntax: a comma-separated list; each entry is a registered strategy nam
 (``speed_kernels.strategies.names()``), optionally followed by ``:key=value`` parameters separated by
 commas (``speed:k=5,lam=0.6,tau=700``), or ``sampling+weighting`` for a combination
 (``speed+p2``: SpeeD's sampling with P2's weights). A ``key=value`` token belongs to the strategy
-before it, so ``uniform,speed:k=5,lam=0.6,p2`` is three strategies.
+before it, so ``uniform,speed:k=5,lam=0.6,p2`` is three strategies. Parameters keep their library
+defaults otherwise, including CLTS's ``ramp_steps=50000`` (its curriculum weight is 0.02 after
+1,000 steps, so a short default run of ``clts`` is nearly uniform; scale it with
+``clts:ramp_steps=1000``) and SpeeD's official k=5, λ=0.6, τ=700 with the mirrored half batch.
 
 What is held fixed across strategies: data, model, initial weights, data order, optimiser, the
 loss object's random stream (seed), the evaluator (reference set, classifier, kernel bandwidth,
