@@ -323,7 +323,7 @@ def _finalize_blocks(batch: int, n_chunks: int, tile: int) -> dict:
 def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, packed=False, need_grad=True):
     """Forward: (loss, terms [2, B], grad (or empty), scale state [2], call index used [1]).
 
-    One launch when tickets are on (the default; SPEED_TRITON_TICKETS=0: a separate finalize
+    One launch when tickets are on (SPEED_TRITON_TICKETS=1, experimental; the default is a separate finalize
     launch). `packed` (eager path) carves the small float32 outputs and the partial sums out of
     one allocation; the registered op keeps them separate (outputs of an op must not alias)."""
     pred = pred.contiguous()
