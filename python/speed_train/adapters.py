@@ -34,27 +34,12 @@ from speed_kernels import DiffusionLoss, NoiseSchedule
 from speed_kernels import strategies as _strategies
 from speed_kernels.tables import ROW_WEIGHT
 
-__all__ = ["PlainTargetUniform", "SpeeDDiffusion", "create_speed_diffusion", "DiffusersLoss", "DIFFUSERS_PREDICTION_TYPES"]
-
-
-class PlainTargetUniform(_strategies.Uniform):
-    """Uniform sampling and weight 1 on the MSE of whatever the model predicts.
-
-    The core defines every strategy's weight on the ε objective and expresses it on the target
-    (``uniform`` with v-prediction is weight ᾱ_t on the v-MSE, with x0-prediction SNR_t on the
-    x0-MSE). The scripts the adapters plug into use an unweighted MSE on their own target
-    (diffusers' ``F.mse_loss(pred, v)``, DiT's START_X MSE), so the adapters' ``"uniform"`` is this
-    class: with it the adapter reproduces the original loss exactly. For ε-prediction both agree."""
-
-    def _weights(self, schedule, prediction):
-        return np.ones(schedule.T)
+__all__ = ["SpeeDDiffusion", "create_speed_diffusion", "DiffusersLoss", "DIFFUSERS_PREDICTION_TYPES"]
 
 
 def _resolve_strategy(strategy: Any, strategy_params: Mapping | None) -> Any:
-    if isinstance(strategy, str) and strategy == "uniform":
-        if strategy_params:
-            raise ValueError(f"strategy 'uniform' takes no parameters, got {sorted(strategy_params)}")
-        return PlainTargetUniform()
+    # The core's "uniform" is weight 1 on the MSE of whatever the model predicts, so the adapters
+    # reproduce the original scripts' unweighted loss with it directly.
     if strategy_params:
         return _strategies.get(strategy, **dict(strategy_params))
     return strategy
@@ -237,7 +222,7 @@ class DiffusersLoss:
 
     With ``strategy="uniform"`` and ``torch.randint`` time steps, ``loss`` equals
     ``F.mse_loss(model_pred.float(), target.float())`` with ``target = noise`` or
-    ``noise_scheduler.get_velocity(latents, noise, timesteps)`` (see :class:`PlainTargetUniform`).
+    ``noise_scheduler.get_velocity(latents, noise, timesteps)``.
     Other strategies' weights are defined on the ε objective, as in their papers, and expressed on
     the target by the core (v: × ᾱ_t; Min-SNR has its own v form min(SNR, γ)/(SNR + 1), which is
     diffusers' ``--snr_gamma`` for v-prediction).
