@@ -44,12 +44,13 @@ which = sys.argv[1] if len(sys.argv) > 1 else "all"
 # DTYPES=bf16 (say) limits the element types, for a quicker check (CI)
 for dt in os.environ.get("DTYPES", "fp32,bf16").split(","):
     if which in ("all", "noise"):
-        for has_t, mirror, ticket in [(False, False, True), (False, True, True), (True, False, True), (False, False, False)]:
+        for has_t, mirror, ticket, even in [(False, False, True, True), (False, True, True, False), (True, False, True, True),
+                                            (False, False, False, False)]:
             sig = dict(x0_ptr=f"*{dt}", xt_ptr=f"*{dt}", t_out_ptr="*i64", t_in_ptr="*i64", tab_ptr="*fp32",
                        call_ptr="*i64", ticket_ptr="*i32", k0="i32", k1="i32", pivot="i32", n_draw="i32",
                        n="i32", n_chunks="i32", T="i32", n_programs="i32")
-            compile_(N._noise_kernel, sig, dict(HAS_T=has_t, MIRROR=mirror, NITER=10, BLOCK=2048, TICKET=ticket), 4,
-                     f"noise {dt} has_t={has_t} mirror={mirror} ticket={ticket}")
+            compile_(N._noise_kernel, sig, dict(HAS_T=has_t, MIRROR=mirror, NITER=10, BLOCK=2048, TICKET=ticket, EVEN=even), 4,
+                     f"noise {dt} has_t={has_t} mirror={mirror} ticket={ticket} even={even}")
     if which in ("all", "loss"):
         for target_, ls, mode in itertools.product((0, 1, 2), (False, True), ("fwd", "fwd-sep", "fwd-none", "bwd")):
             sig = dict(pred_ptr=f"*{dt}", x0_ptr=f"*{dt}", t_ptr="*i64", tab_ptr="*fp32", call_ptr="*i64", k0="i32", k1="i32",
@@ -59,13 +60,14 @@ for dt in os.environ.get("DTYPES", "fp32,bf16").split(","):
             c = dict(TARGET=target_, LEARN_SIGMA=ls, CALL_OFFSET=1 if mode != "bwd" else 0,
                      COMPUTE_LOSS=mode != "bwd", WRITE_GRAD=mode in ("fwd", "fwd-sep", "bwd"), PER_SAMPLE_SCALE=mode == "bwd",
                      BLOCK=int(os.environ.get("LB", 2048)), FUSED_FINALIZE=mode in ("fwd", "fwd-none"), REDUCE_MEAN=mode in ("fwd", "fwd-sep"),
-                     BLOCK_B=int(os.environ.get("BB", 4)), BLOCK_C=int(os.environ.get("BC", 128)))
-            compile_(L._loss_kernel, sig, c, 4, f"loss {dt} target={target_} ls={ls} {mode}")
+                     BLOCK_B=int(os.environ.get("BB", 4)), BLOCK_C=int(os.environ.get("BC", 128)),
+                     EVEN=mode in ("fwd", "bwd"))  # and the masked variant for the other two
+            compile_(L._loss_kernel, sig, c, 4, f"loss {dt} target={target_} ls={ls} {mode} even={c['EVEN']}")
 if which in ("all", "misc"):
     sig = dict(part_ptr="*fp32", t_ptr="*i64", tab_ptr="*fp32", loss_ptr="*fp32", terms_ptr="*fp32", scale_ptr="*fp32",
                call_ptr="*i64", call_used_ptr="*i64", B="i32", n_chunks="i32", n_parts="i32", n="i32", T="i32")
     for rm in (True, False):
-        compile_(L._finalize_kernel, sig, dict(CALL_OFFSET=1, LEARN_SIGMA=True, REDUCE_MEAN=rm, BLOCK_B=32, BLOCK_C=128), 4, f"finalize rm={rm}")
+        compile_(L._finalize_kernel, sig, dict(CALL_OFFSET=1, LEARN_SIGMA=True, REDUCE_MEAN=rm, BLOCK_B=4, BLOCK_C=128), 4, f"finalize rm={rm}")
     for dt in ("fp32", "bf16"):
         compile_(L._scale_grad_kernel, dict(grad_ptr=f"*{dt}", state_ptr="*fp32", g_ptr="*fp32", N="i64"), dict(PARITY=0, BLOCK=4096), 8, f"scale {dt}")
 

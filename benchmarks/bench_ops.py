@@ -54,7 +54,10 @@ def parse_args(argv=None):
                         "time (default 110 on a GPU, 40 in --smoke)")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=40.0)
-    p.add_argument("--no-sweep", action="store_true", help="skip the Triton block-size sweep")
+    p.add_argument("--no-sweep", action="store_true", help="skip the Triton configuration sweep")
+    p.add_argument("--sweep-only", action="store_true", help="only the Triton configuration sweep")
+    p.add_argument("--sweep-shapes", default="256x4x32x32,64x3x256x256")
+    p.add_argument("--sweep-budget-s", type=float, default=90.0)
     p.add_argument("--time-budget-s", type=float, default=150.0,
                    help="skip the variants (and the sweep) that would start after this many seconds")
     args = p.parse_args(argv)
@@ -283,7 +286,7 @@ def main():
     t_start = time.time()
     shapes = ARGS.shapes or ("2x4x8x8" if ARGS.smoke else "256x4x32x32,128x3x64x64,64x3x256x256")
     shapes = [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")]
-    dtypes = ARGS.dtypes.split(",")
+    dtypes = [] if ARGS.sweep_only else ARGS.dtypes.split(",")
     strategies = ARGS.strategies.split(",")
     impls = ARGS.impls.split(",")
     avail = list_backends()
@@ -372,7 +375,7 @@ def main():
                 write_results(rows, [], bw, time.time() - t_start, quiet=True)
                 if GPU:
                     torch.cuda.empty_cache()
-    late = time.time() - t_start > ARGS.time_budget_s
+    late = time.time() - t_start > ARGS.time_budget_s and not ARGS.sweep_only
     sweep = [] if (ARGS.no_sweep or ARGS.smoke or late or "triton" not in backend_objs) else block_sweep(backend_objs["triton"], bw)
     elapsed = time.time() - t_start
     write_results(rows, sweep, bw, elapsed)
@@ -382,28 +385,65 @@ def main():
     return 1 if failed else 0
 
 
+SWEEP_CONFIGS = [(512, 4), (1024, 4), (2048, 4), (1024, 8), (2048, 8), (4096, 8)]
+
+
 def block_sweep(backend, bw):
-    """Triton BLOCK (elements per program) at the large shape, eager: informs block_config."""
+    """Triton (BLOCK, num_warps) and the tickets path, timed as CUDA-graph replays (device time,
+    not host time) for the whole loss path and for its two halves: `noise` (noise kernel +
+    counter advance) and `loss` (loss kernel + reduction + backward). Informs block_config."""
     out = []
-    old = os.environ.get("SPEED_TRITON_BLOCK")
+    saved = {k: os.environ.get(k) for k in ("SPEED_TRITON_BLOCK", "SPEED_TRITON_WARPS", "SPEED_TRITON_TICKETS")}
+    shapes = [tuple(int(v) for v in s.split("x")) for s in ARGS.sweep_shapes.split(",")]
+    t0 = time.time()
     try:
-        for dname in ("fp32",):
-            var = Variant((64, 3, 256, 256), DTYPES[dname], "uniform")
-            for block in (1024, 2048, 4096, 8192):
-                os.environ["SPEED_TRITON_BLOCK"] = str(block)
-                step = var.step_backend(backend)
-                step()
-                var.pred.grad = None
-                med, p20, p80 = bench(step, [var.pred])
-                out.append(dict(block=block, dtype=dname, median_us=med, p20_us=p20, p80_us=p80,
-                                pct_copy_bw=100.0 * var.bytes / (med * 1e-6) / 1e9 / bw))
-                log(f"sweep BLOCK={block}: {med:.1f} us ({out[-1]['pct_copy_bw']:.0f}% of copy bw)")
-            del var
+        for shape in shapes:
+            for strat in ("speed", "learned_sigma"):
+                var = Variant(shape, DTYPES["fp32"], strat)
+                configs = [(b, w, "0") for b, w in SWEEP_CONFIGS] + [(0, 0, "1")]
+                for block, warps, tickets in configs:
+                    if time.time() - t0 > ARGS.sweep_budget_s:
+                        log("sweep: time budget reached")
+                        return out
+                    for k, v in (("SPEED_TRITON_BLOCK", block), ("SPEED_TRITON_WARPS", warps)):
+                        if v:
+                            os.environ[k] = str(v)
+                        else:
+                            os.environ.pop(k, None)
+                    os.environ["SPEED_TRITON_TICKETS"] = tickets
+                    row = dict(shape="x".join(map(str, shape)), strategy=strat, block=block or "default",
+                               warps=warps or "default", tickets=tickets)
+                    try:
+                        _, t_fixed = backend.noise(var.x0, None, var.tables, var.k0, var.k1, var.call, var.mirror, var.pivot)
+
+                        def noise_only():
+                            backend.noise(var.x0, None, var.tables, var.k0, var.k1, var.call, var.mirror, var.pivot)
+
+                        def loss_only():
+                            loss, _ = backend.loss(var.pred, var.x0, t_fixed, var.tables, var.k0, var.k1, var.call, 0,
+                                                   var.learn_sigma, True)
+                            loss.backward()
+
+                        for part, fn in (("step", var.step_backend(backend)), ("noise", noise_only), ("loss", loss_only)):
+                            g = graph_of(fn, [var.pred])
+                            med, _, _ = bench(g.replay, [])
+                            row[f"{part}_us"] = med
+                            var.pred.grad = None
+                            del g
+                        row["pct_copy_bw"] = 100.0 * var.bytes / (row["step_us"] * 1e-6) / 1e9 / bw
+                    except Exception as exc:
+                        row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:100]}"
+                        torch.cuda.synchronize()
+                    out.append(row)
+                    log("sweep " + " ".join(f"{k}={fmt(v)}" for k, v in row.items()))
+                del var
+                torch.cuda.empty_cache()
     finally:
-        if old is None:
-            os.environ.pop("SPEED_TRITON_BLOCK", None)
-        else:
-            os.environ["SPEED_TRITON_BLOCK"] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return out
 
 
@@ -473,11 +513,15 @@ def write_results(rows, sweep, bw, elapsed, quiet=False):
             f"{fmt(r.get('floor_us'))} | {fmt(r.get('peak_mem_mb'))} | {r.get('note', '')} |"
         )
     if sweep:
-        lines += ["", "Triton BLOCK sweep (64x3x256x256, uniform, eager step):", "",
-                  "| BLOCK | dtype | µs median [p20, p80] | % copy bw |", "| --- | --- | --- | --- |"]
-        for s in sweep:
-            lines.append(f"| {s['block']} | {s['dtype']} | {fmt(s['median_us'])} [{fmt(s['p20_us'])}, "
-                         f"{fmt(s['p80_us'])}] | {fmt(s['pct_copy_bw'], 0)} |")
+        lines += ["", "Triton configuration sweep, fp32, CUDA-graph replay, µs median: the whole step, and its "
+                  "halves (noise = noise kernel + counter advance; loss = loss kernel + reduction + backward). "
+                  "tickets = 1: the opt-in fused counter advance and reduction (SPEED_TRITON_TICKETS=1).", "",
+                  "| shape | strategy | BLOCK | warps | tickets | step µs | noise µs | loss µs | % copy bw | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sweep:
+            lines.append(f"| {r['shape']} | {r['strategy']} | {r['block']} | {r['warps']} | {r['tickets']} | "
+                         f"{fmt(r.get('step_us'))} | {fmt(r.get('noise_us'))} | {fmt(r.get('loss_us'))} | "
+                         f"{fmt(r.get('pct_copy_bw'), 0)} | {r.get('note', '')} |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     if not quiet:

@@ -106,6 +106,39 @@ def test_philox_words_and_normals_match_contract():
 # ----------------------------------------------------------------------------- noise op
 
 
+@triton.jit
+def _box_muller_probe(ur_ptr, ua_ptr, out_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    c, s = P.box_muller(tl.load(ur_ptr + o), tl.load(ua_ptr + o))
+    tl.store(out_ptr + o, c)
+    tl.store(out_ptr + N + o, s)
+
+
+def test_box_muller_accuracy_on_every_quadrant_and_the_extremes():
+    """Our sin/cos (Cody-Waite + minimax) and rsqrt-based sqrt against float64 truth of the
+    contract's formula (theta = float32(u * float32(2 pi))), on random words plus the extremes
+    (u = 2^-24, 1 - 2^-24) and the words whose angle sits on a quadrant boundary."""
+    N = 1 << 14
+    gen = torch.Generator().manual_seed(7)
+    words = torch.randint(0, 2**32, (2, N), generator=gen, dtype=torch.int64)
+    words[0, :2] = torch.tensor([0, 2**32 - 1])  # smallest and largest u (largest / smallest r)
+    # angle words whose u is near k/8 (k = 0..8): quadrant switches and the +-pi/4 ends
+    near = torch.tensor([(k << 29) + d for k in range(8) for d in (-1024, -512, 0, 512, 1024)]) & 0xFFFFFFFF
+    words[1, 2 : 2 + near.numel()] = near
+    ur, ua = rng.bits_to_uniform(words[0]), rng.bits_to_uniform(words[1])
+    out = torch.empty(2 * N, device=DEV)
+    _box_muller_probe[(1,)](ur.to(DEV), ua.to(DEV), out, N)
+    out = out.cpu().double()
+    r = torch.sqrt(-2.0 * torch.log(ur.double()))
+    theta = (ua * rng.TWO_PI_F32).double()  # float32 product, as the contract says
+    want = torch.cat([r * torch.cos(theta), r * torch.sin(theta)])
+    err = (out - want).abs() / torch.cat([r, r]).clamp(min=1.0)
+    assert err.max().item() < 4e-7, f"max error {err.max().item():.3g} (units: max(r, 1))"
+    # and the oracle itself (torch float32) is no closer than a few ulp either
+    ref = torch.cat(rng.box_muller(ur, ua)).double()
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("mode", ["draw", "mirror", "given"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_noise_matches_reference(mode, dtype, block_cap):

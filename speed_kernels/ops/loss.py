@@ -65,7 +65,7 @@ ROW_SQRT_AB = tl.constexpr(ROW_SQRT_AB)
 ROW_WEIGHT = tl.constexpr(ROW_WEIGHT)
 ROW_X0HAT_OUT = tl.constexpr(ROW_X0HAT_OUT)
 ROW_X0HAT_XT = tl.constexpr(ROW_X0HAT_XT)
-from .noise import _eps_tile, block_config, check_common, check_t, tickets_for, use_tickets
+from .noise import _block_offsets, _eps_block, block_config, load_f32, store_as, check_common, check_t, tickets_for, use_tickets
 
 LN2 = math.log(2.0)
 INV_LN2 = tl.constexpr(1.0 / math.log(2.0))
@@ -125,28 +125,24 @@ def _loss_kernel(
     TARGET: tl.constexpr, LEARN_SIGMA: tl.constexpr, CALL_OFFSET: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, PER_SAMPLE_SCALE: tl.constexpr,
     BLOCK: tl.constexpr, FUSED_FINALIZE: tl.constexpr, REDUCE_MEAN: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr,
 ):
     NEED_EPS: tl.constexpr = (TARGET != 2) or LEARN_SIGMA
     NEED_X0: tl.constexpr = (TARGET != 0) or LEARN_SIGMA
-    G: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0)
     b = pid // n_chunks
     c = pid % n_chunks
-    grp = c.to(tl.int64) * G + tl.arange(0, G).to(tl.int64)
-    lane = tl.arange(0, 4)[None, :]
-    j = grp[:, None] * 4 + lane
-    mask = j < n
+    start, offs, mask = _block_offsets(c, n, BLOCK, EVEN)
     b64 = b.to(tl.int64)
     if LEARN_SIGMA:
-        pbase = b64 * n * 2  # not 2 * n: that product is int32 when n is
+        pbase = b64 * n * 2 + start  # not 2 * n: that product is int32 when n is
     else:
-        pbase = b64 * n
-    out = tl.load(pred_ptr + pbase + j, mask=mask, other=0.0).to(tl.float32)
+        pbase = b64 * n + start
+    out = load_f32(pred_ptr + pbase + offs, mask, EVEN)
     if LEARN_SIGMA:
-        v = tl.load(pred_ptr + pbase + n + j, mask=mask, other=0.0).to(tl.float32)
+        v = load_f32(pred_ptr + pbase + n + offs, mask, EVEN)
     if NEED_X0:
-        x = tl.load(x0_ptr + b64 * n + j, mask=mask, other=0.0).to(tl.float32)
+        x = load_f32(x0_ptr + b64 * n + start + offs, mask, EVEN)
     else:
         x = tl.zeros_like(out)
 
@@ -155,7 +151,7 @@ def _loss_kernel(
     s1mab = tl.load(tab_ptr + ROW_SQRT_1MAB * T + t)
     if NEED_EPS:
         call_u32 = P.as_u32(tl.load(call_ptr) - CALL_OFFSET)
-        eps = _eps_tile(grp, lane, b, call_u32, k0.to(tl.uint32, bitcast=True), k1.to(tl.uint32, bitcast=True))
+        eps = _eps_block(start, b, call_u32, k0.to(tl.uint32, bitcast=True), k1.to(tl.uint32, bitcast=True), BLOCK)
     else:
         eps = tl.zeros_like(out)
 
@@ -165,7 +161,9 @@ def _loss_kernel(
         tgt = sab * eps - s1mab * x
     else:
         tgt = x
-    diff = tl.where(mask, out - tgt, 0.0)
+    diff = out - tgt
+    if not EVEN:
+        diff = tl.where(mask, diff, 0.0)
 
     if LEARN_SIGMA:
         x_t = sab * x + s1mab * eps
@@ -185,12 +183,13 @@ def _loss_kernel(
             q = d * d * tl.exp(-logvar)
             vb = 0.5 * (-1.0 + logvar - min_log + e + q)
             dvb_dlv = 0.5 * (1.0 - e - q)
-        vb = tl.where(mask, vb, 0.0)
+        if not EVEN:
+            vb = tl.where(mask, vb, 0.0)
 
     if COMPUTE_LOSS:
-        tl.store(part_ptr + pid, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+        tl.store(part_ptr + pid, tl.sum(diff * diff, axis=0))
         if LEARN_SIGMA:
-            tl.store(part_ptr + n_parts + pid, tl.sum(tl.sum(vb, axis=1), axis=0))
+            tl.store(part_ptr + n_parts + pid, tl.sum(vb, axis=0))
 
     if WRITE_GRAD:
         if PER_SAMPLE_SCALE:
@@ -200,10 +199,10 @@ def _loss_kernel(
         inv_n = 1.0 / (n * 1.0)  # n may be a constexpr (n == 1 is specialised)
         w = tl.load(tab_ptr + ROW_WEIGHT * T + t)
         g_out = diff * (2.0 * w * inv_n * s)
-        tl.store(grad_ptr + pbase + j, g_out.to(grad_ptr.dtype.element_ty), mask=mask)
+        store_as(grad_ptr + pbase + offs, g_out, mask, EVEN)
         if LEARN_SIGMA:
             g_v = dvb_dlv * ((max_log - min_log) * 0.5 * inv_n * INV_LN2 * s)
-            tl.store(grad_ptr + pbase + n + j, g_v.to(grad_ptr.dtype.element_ty), mask=mask)
+            store_as(grad_ptr + pbase + n + offs, g_v, mask, EVEN)
 
     if COMPUTE_LOSS and FUSED_FINALIZE:
         # Last-program reduction (no second launch): every program releases its partial sums
@@ -356,7 +355,9 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
     write_grad = bool(reduce_mean) and need_grad  # no gradient pass for evaluation (no_grad)
     grad = torch.empty_like(pred) if write_grad else pred.new_empty(0)
     fused = use_tickets()
-    fin = _finalize_blocks(batch, n_chunks, 512 if fused else 4096)
+    # The same tile and warp count as the reduction fused into the loss kernel (tickets): the
+    # order of a tl.sum follows the layout, so both paths then round identically.
+    fin = _finalize_blocks(batch, n_chunks, 512)
     _loss_kernel[(n_parts,)](
         pred, x0, t, tables, call, P.split_key(k0), P.split_key(k1),
         grad, part, t, 1.0 / batch,
@@ -364,13 +365,14 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
         loss, terms, scale, call_used, tickets_for(call) if fused else t, batch,
         TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=1,
         COMPUTE_LOSS=True, WRITE_GRAD=write_grad, PER_SAMPLE_SCALE=False,
-        BLOCK=block, FUSED_FINALIZE=fused, REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=warps,
+        BLOCK=block, FUSED_FINALIZE=fused, REDUCE_MEAN=bool(reduce_mean), **fin, EVEN=n > 0 and n % block == 0,
+        num_warps=warps,
     )
     if not fused:
         _finalize_kernel[(1,)](
             part, t, tables, loss, terms, scale, call, call_used,
             batch, n_chunks, n_parts, n, tables.shape[1],
-            CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=8,
+            CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=warps,
         )
     return loss, terms, grad, scale, call_used
 
@@ -395,7 +397,7 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
         TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=0,
         COMPUTE_LOSS=False, WRITE_GRAD=True, PER_SAMPLE_SCALE=True,
         BLOCK=block, FUSED_FINALIZE=False, REDUCE_MEAN=False, BLOCK_B=16, BLOCK_C=16,
-        num_warps=warps,
+        EVEN=n > 0 and n % block == 0, num_warps=warps,
     )
     return grad
 

@@ -60,22 +60,48 @@ def block_config(n: int, heavy: bool = False) -> tuple[int, int]:
     Philox groups per program keeps enough programs in flight at DiT-latent sizes (256 samples x
     2 chunks of 4x32x32) and amortises the per-program t search at large ones. `heavy` (the
     learned-sigma loss: ~3x the live values per element) halves it to keep registers < 128.
-    SPEED_TRITON_BLOCK overrides it (benchmark sweeps)."""
+    SPEED_TRITON_BLOCK / SPEED_TRITON_WARPS override them (benchmark sweeps)."""
     cap = int(os.environ.get("SPEED_TRITON_BLOCK", "1024" if heavy else "2048"))
     block = max(64, min(cap, triton.next_power_of_2(max(n, 1))))
-    warps = 4 if block <= 2048 else 8
+    warps = int(os.environ.get("SPEED_TRITON_WARPS", "0")) or (4 if block <= 2048 else 8)
     return block, warps
 
 
 @triton.jit
-def _eps_tile(grp, lane, b, call_u32, key0, key1):
-    """eps of a [G, 4] tile: rows are Philox groups, columns the four Box-Muller lanes."""
-    n0, n1, n2, n3 = P.normal4(P.as_u32(grp), b, call_u32, key0, key1)
-    return tl.where(
-        lane == 0,
-        n0[:, None],
-        tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None])),
-    )
+def _eps_block(start, b, call_u32, key0, key1, BLOCK: tl.constexpr):
+    """eps of elements [start, start + BLOCK) of sample b (start a multiple of 4, int64): one
+    Philox call per group of 4, the four lanes interleaved in registers (join + reshape keeps
+    each thread's 4 consecutive values together, matching a 16-byte load)."""
+    G: tl.constexpr = BLOCK // 4
+    grp = P.as_u32(start // 4) + tl.arange(0, G).to(tl.uint32)
+    n0, n1, n2, n3 = P.normal4(grp, b, call_u32, key0, key1)
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+
+
+@triton.jit
+def _block_offsets(c, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    """(start, int32 offsets, mask) of chunk c of a sample of n elements. Per-element index math
+    stays 32-bit (the 64-bit part is the scalar start); EVEN (n % BLOCK == 0) drops the mask."""
+    start = c.to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.minimum(n - start, BLOCK).to(tl.int32)  # unused (and dropped) when EVEN
+    return start, offs, mask
+
+
+@triton.jit
+def load_f32(ptrs, mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptrs).to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_as(ptrs, val, mask, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty))
+    else:
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "pivot", "n_draw"])
@@ -83,26 +109,22 @@ def _noise_kernel(
     x0_ptr, xt_ptr, t_out_ptr, t_in_ptr, tab_ptr, call_ptr, ticket_ptr,
     k0, k1, pivot, n_draw, n, n_chunks, T, n_programs,
     HAS_T: tl.constexpr, MIRROR: tl.constexpr, NITER: tl.constexpr, BLOCK: tl.constexpr,
-    TICKET: tl.constexpr,
+    TICKET: tl.constexpr, EVEN: tl.constexpr,
 ):
-    G: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0)
     b = pid // n_chunks
     c = pid % n_chunks
-    # 64-bit element offsets: the batch may hold more than 2^31 elements.
-    grp = c.to(tl.int64) * G + tl.arange(0, G).to(tl.int64)
-    lane = tl.arange(0, 4)[None, :]
-    j = grp[:, None] * 4 + lane
-    mask = j < n
-    base = b.to(tl.int64) * n
+    start, offs, mask = _block_offsets(c, n, BLOCK, EVEN)
+    # 64-bit scalar base (the batch may hold more than 2^31 elements), 32-bit offsets.
+    base = b.to(tl.int64) * n + start
     # Issue the x0 load first: its latency overlaps the Philox rounds and the t search.
-    x = tl.load(x0_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
+    x = load_f32(x0_ptr + base + offs, mask, EVEN)
 
     key0 = k0.to(tl.uint32, bitcast=True)
     key1 = k1.to(tl.uint32, bitcast=True)
     call = tl.load(call_ptr)
     call_u32 = P.as_u32(call)
-    eps = _eps_tile(grp, lane, b, call_u32, key0, key1)
+    eps = _eps_block(start, b, call_u32, key0, key1, BLOCK)
 
     if HAS_T:
         t = tl.load(t_in_ptr + b)
@@ -118,7 +140,7 @@ def _noise_kernel(
     sab = tl.load(tab_ptr + ROW_SQRT_AB * T + t)
     s1mab = tl.load(tab_ptr + ROW_SQRT_1MAB * T + t)
     xt = sab * x + s1mab * eps
-    tl.store(xt_ptr + base + j, xt.to(xt_ptr.dtype.element_ty), mask=mask)
+    store_as(xt_ptr + base + offs, xt, mask, EVEN)
     tl.store(t_out_ptr + b, t, mask=c == 0)
     if TICKET:
         # Advance the counter in this launch: the program that takes the last ticket knows every
@@ -179,7 +201,7 @@ def noise_launch(x0, t_in, tables, k0, k1, call, mirror, pivot):
         x0c, x_t, t, t_in if t_in is not None else t, tab, call, tickets_for(call) if fused else t,
         P.split_key(k0), P.split_key(k1), int(pivot), n_draw, n, n_chunks, T, batch * n_chunks,
         HAS_T=t_in is not None, MIRROR=bool(mirror) and t_in is None,
-        NITER=T.bit_length(), BLOCK=block, TICKET=fused, num_warps=warps,
+        NITER=T.bit_length(), BLOCK=block, TICKET=fused, EVEN=n > 0 and n % block == 0, num_warps=warps,
     )
     if not fused:
         call.add_(1)
