@@ -18,6 +18,10 @@ T_BENCH="${T_BENCH:-150}"
 # Triton interpreter, tiny shapes; nothing is measured)
 SMOKE="${SMOKE:-0}"
 BENCH_ARGS=(--compile-budget-s 40 --time-budget-s 115 --rep-ms 30)
+# knobs: SKIP_BUILD=1 (no compiled extension: its tests skip), TICKETS_TESTS=1 (the Triton GPU
+# tests again with SPEED_TRITON_TICKETS=1), BENCH_EXTRA="--dtypes fp32 ..." (appended)
+# shellcheck disable=SC2206
+BENCH_ARGS+=(${BENCH_EXTRA:-})
 if [ "$SMOKE" = 1 ]; then export SPEED_GPU_SMOKE=1; BENCH_ARGS=(--smoke --dtypes fp32 --out "$OUT/results"); fi
 FAILED=()
 
@@ -43,7 +47,7 @@ cat "$LOG"
 
 # (2) compiled extension (optional; a failure is logged and the Triton checks go on)
 # >>> csrc build >>>
-step "build?" "$T_BUILD" "$OUT/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
+[ "${SKIP_BUILD:-0}" = 1 ] || step "build?" "$T_BUILD" "$OUT/build.log" env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 \
   SPEED_KERNELS_CUDA=1 python3 setup.py build_ext --inplace
 python3 -c "from speed_kernels import _ext; print('ext:', _ext.available())" >> "$LOG" 2>&1
 # <<< csrc build <<<
@@ -54,13 +58,18 @@ if [ "$SMOKE" = 1 ]; then
   step tests "$T_TESTS" "$OUT/pytest_gpu.log" python3 -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py
 else
   # -v, not -q: if the step times out, the log still says which tests passed
-  step tests "$T_TESTS" "$OUT/pytest_gpu.log" env SPEED_KERNELS_REQUIRE_EXT=1 python3 -m pytest -m gpu -v -p no:cacheprovider tests/
+  REQ=1; [ "${SKIP_BUILD:-0}" = 1 ] && REQ=0
+  step tests "$T_TESTS" "$OUT/pytest_gpu.log" env SPEED_KERNELS_REQUIRE_EXT=$REQ python3 -m pytest -m gpu -v -p no:cacheprovider tests/
+  if [ "${TICKETS_TESTS:-0}" = 1 ]; then
+    step "tests-tickets?" "$T_TESTS" "$OUT/pytest_gpu_tickets.log" env SPEED_TRITON_TICKETS=1 \
+      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_triton_gpu.py
+  fi
 fi
 
 # (4) op benchmark (writes benchmarks/results/ops_<gpu>.md/.csv after every variant)
 step bench "$T_BENCH" "$OUT/bench_ops.log" python3 benchmarks/bench_ops.py "${BENCH_ARGS[@]}"
 
-# (5) results back (flat, <= 8 files: gpu_check.log build.log pytest_gpu.log bench_ops.log + md/csv)
+# (5) results back (flat, <= 8 files: gpu_check.log build.log pytest_gpu*.log bench_ops.log + md/csv)
 RES_DIR=benchmarks/results; [ "$SMOKE" = 1 ] && RES_DIR="$OUT/results"
 LATEST=$(ls -t "$RES_DIR"/ops_*.md 2>/dev/null | head -n 1)
 if [ -n "$LATEST" ] && [ "$RES_DIR" = benchmarks/results ]; then

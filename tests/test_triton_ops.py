@@ -312,6 +312,23 @@ def test_backward_scaling_in_place_and_retain_graph():
     torch.testing.assert_close(p.grad, g1)
 
 
+def test_scale_grad_strides_over_more_blocks_than_programs(monkeypatch):
+    """The in-place rescale walks all blocks with a grid smaller than the block count, skips
+    the pass when grad_output equals the applied scale, and records the new scale."""
+    from speed_kernels.ops import loss as L
+
+    monkeypatch.setattr(L, "_SCALE_GRID", 2)
+    n = 5 * 4096 + 3
+    grad = torch.randn(n, device=DEV)
+    want = grad.clone()
+    state = torch.tensor([1.0, 1.0], device=DEV)
+    L.scale_grad_(grad, state, torch.tensor(1.0, device=DEV), 0)  # equal to the scale: no pass
+    assert torch.equal(grad, want)
+    L.scale_grad_(grad, state, torch.tensor(-2.5, device=DEV), 1)
+    torch.testing.assert_close(grad, want * -2.5)
+    assert state.tolist() == [-2.5, 1.0]
+
+
 def test_reduction_none_expanded_grad_output():
     tables, x0, t, call, pred = _loss_case(2, True)
     k0, k1 = KEY

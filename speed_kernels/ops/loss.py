@@ -276,14 +276,19 @@ def _finalize_kernel(
 def _scale_grad_kernel(grad_ptr, state_ptr, g_ptr, N, PARITY: tl.constexpr, BLOCK: tl.constexpr):
     """grad *= g / state[PARITY], skipped (no memory traffic) when g equals the scale already
     applied; program 0 records g in state[1 - PARITY] for the next backward through the same
-    graph. Reads and the write go to different slots, so one launch has no race."""
+    graph. Reads and the write go to different slots, so one launch has no race. A small grid
+    strides over the blocks: the usual no-op case then costs a launch of a few hundred programs."""
     g = tl.load(g_ptr).to(tl.float32)
     s = tl.load(state_ptr + PARITY)
     if g != s:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < N
-        x = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(grad_ptr + offs, (x * (g / s)).to(grad_ptr.dtype.element_ty), mask=m)
+        f = g / s
+        blk = tl.program_id(0).to(tl.int64)
+        while blk * BLOCK < N:
+            offs = blk * BLOCK + tl.arange(0, BLOCK)
+            m = offs < N
+            x = tl.load(grad_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(grad_ptr + offs, (x * f).to(grad_ptr.dtype.element_ty), mask=m)
+            blk += tl.num_programs(0)
     tl.store(state_ptr + (1 - PARITY), g, mask=tl.program_id(0) == 0)
 
 
@@ -402,11 +407,15 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
     return grad
 
 
+_SCALE_GRID = 512  # programs: ~4 per SM on an H100/H200, enough to stream the rare real rescale
+
+
 def scale_grad_(grad, state, grad_output, parity: int):
     """In place, one launch: grad *= grad_output / state[parity]; state[1 - parity] = grad_output.
     `parity` is the host-side count of backward calls through this graph node, mod 2."""
     N = grad.numel()
     BLOCK = 4096
     g = grad_output.reshape(1)
-    _scale_grad_kernel[(max(1, triton.cdiv(N, BLOCK)),)](grad, state, g, N, PARITY=parity, BLOCK=BLOCK, num_warps=8)
+    grid = max(1, min(triton.cdiv(N, BLOCK), _SCALE_GRID))
+    _scale_grad_kernel[(grid,)](grad, state, g, N, PARITY=parity, BLOCK=BLOCK, num_warps=8)
     return grad
