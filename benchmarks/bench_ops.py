@@ -377,8 +377,14 @@ def main():
                     torch.cuda.empty_cache()
     late = time.time() - t_start > ARGS.time_budget_s and not ARGS.sweep_only
     sweep = [] if (ARGS.no_sweep or ARGS.smoke or late or "triton" not in backend_objs) else block_sweep(backend_objs["triton"], bw)
+    kernels = []
+    if GPU and not ARGS.no_sweep and "triton" in backend_objs:
+        try:
+            kernels = kernel_breakdown(backend_objs["triton"])
+        except Exception as exc:  # the profiler is a nicety: report and go on
+            log(f"kernel breakdown failed: {type(exc).__name__}: {exc}")
     elapsed = time.time() - t_start
-    write_results(rows, sweep, bw, elapsed)
+    write_results(rows, sweep, bw, elapsed, kernels=kernels)
     log(f"done in {elapsed:.0f} s")
     failed = [r for r in rows if str(r.get("note", "")).startswith("failed") and r["impl"] in ("triton", "cuda")
               and r["mode"] == "eager"]
@@ -447,6 +453,46 @@ def block_sweep(backend, bw):
     return out
 
 
+def kernel_breakdown(backend):
+    """Device time per kernel of our loss path (torch.profiler / CUPTI, 20 eager steps), fp32
+    speed: where a step's time goes at each shape (launch gaps are not in these sums)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    shapes = [tuple(int(v) for v in s.split("x")) for s in ARGS.sweep_shapes.split(",")]
+    for shape in shapes:
+        var = Variant(shape, DTYPES["fp32"], "speed")
+        step = var.step_backend(backend)
+        for _ in range(3):
+            step()
+            var.pred.grad = None
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                step()
+                var.pred.grad = None
+            torch.cuda.synchronize()
+        total = 0.0
+        for ev in prof.key_averages():
+            # kernel events only (a CPU op's device total would count its kernels twice)
+            if not str(getattr(ev, "device_type", "")).endswith("CUDA"):
+                continue
+            dev_us = getattr(ev, "self_device_time_total", None)
+            if dev_us is None:
+                dev_us = getattr(ev, "self_cuda_time_total", 0.0)
+            if dev_us and ev.count:
+                per_step = dev_us / 20.0
+                total += per_step
+                out.append(dict(shape="x".join(map(str, shape)), kernel=ev.key[:60], us_per_step=per_step,
+                                calls_per_step=ev.count / 20.0))
+        out.append(dict(shape="x".join(map(str, shape)), kernel="(sum of kernel times)", us_per_step=total,
+                        calls_per_step=""))
+        for r in out[-8:]:
+            log("kernels " + " ".join(f"{k}={fmt(v)}" for k, v in r.items()))
+        del var
+    return out
+
+
 FIELDS = ["shape", "dtype", "strategy", "impl", "mode", "median_us", "p20_us", "p80_us", "speedup_vs_eager",
           "gbps", "pct_copy_bw", "floor_us", "peak_mem_mb", "note"]
 
@@ -466,7 +512,7 @@ def fmt_row(r):
             f"mem {fmt(r.get('peak_mem_mb'))} MB {r.get('note', '')}")
 
 
-def write_results(rows, sweep, bw, elapsed, quiet=False):
+def write_results(rows, sweep, bw, elapsed, quiet=False, kernels=()):
     os.makedirs(ARGS.out, exist_ok=True)
     name = re.sub(r"[^a-z0-9]+", "_", gpu_name().lower()).strip("_")
     if ARGS.smoke:
@@ -522,6 +568,12 @@ def write_results(rows, sweep, bw, elapsed, quiet=False):
             lines.append(f"| {r['shape']} | {r['strategy']} | {r['block']} | {r['warps']} | {r['tickets']} | "
                          f"{fmt(r.get('step_us'))} | {fmt(r.get('noise_us'))} | {fmt(r.get('loss_us'))} | "
                          f"{fmt(r.get('pct_copy_bw'), 0)} | {r.get('note', '')} |")
+    if kernels:
+        lines += ["", "Device time per kernel of our loss path (Triton backend, fp32, SpeeD; torch.profiler over 20 "
+                  "eager steps; launch gaps excluded):", "",
+                  "| shape | kernel | µs per step | calls per step |", "| --- | --- | --- | --- |"]
+        for r in kernels:
+            lines.append(f"| {r['shape']} | `{r['kernel']}` | {fmt(r['us_per_step'], 2)} | {fmt(r['calls_per_step'])} |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     if not quiet:

@@ -9,12 +9,13 @@ Kernel (`_loss_kernel`), same flat (sample, chunk) grid as the noise op:
     float32 buffer [2, B * n_chunks];
   * with reduction "mean" also writes the gradient of the batch-mean loss w.r.t. pred, in pred's
     dtype, in the same pass;
-  * the program that takes the last ticket of an acq_rel atomic counter (one atomic per program,
-    no atomics on data) reduces the partials in a fixed order: per-sample terms, the per-sample
-    losses or the batch mean, the gradient-scale state, the call index used. Results are
-    deterministic run to run and bit-identical to the fallback, a separate one-program
-    `_finalize_kernel` launch (SPEED_TRITON_TICKETS=0).
-Grid: B * ceil(n / BLOCK) programs, BLOCK = 2048 elements (1024 with learned sigma), 4 warps;
+  * a separate one-program `_finalize_kernel` reduces the partials in a fixed order: per-sample
+    terms, the per-sample losses or the batch mean, the gradient-scale state, the call index
+    used. Deterministic run to run. With SPEED_TRITON_TICKETS=1 (opt-in) the program that takes
+    the last ticket of an acq_rel atomic counter does it instead, inside the loss kernel; it
+    agrees with the separate launch to rounding (a smaller tile sums in another order: bit-equal
+    when the tiles match, H100 2026-11-26) and measured no faster, so it stays off.
+Grid: B * ceil(n / BLOCK) programs, BLOCK = 4096 elements with 8 warps (see block_config);
 each thread holds 4 Philox groups = 16 elements (16-byte loads for fp32, 8-byte for bf16/fp16).
 
 Backward of reduction "mean" multiplies the saved gradient by grad_output *in place* (one
@@ -336,7 +337,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
     tables = tables.contiguous()
     batch = x0.shape[0]
     n = x0.numel() // batch
-    block, warps = block_config(n, heavy=learn_sigma)
+    block, warps = block_config(n)
     n_chunks = max(1, triton.cdiv(n, block))
     n_parts = batch * n_chunks
     n_terms = 2 if learn_sigma else 1
@@ -360,9 +361,10 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
     write_grad = bool(reduce_mean) and need_grad  # no gradient pass for evaluation (no_grad)
     grad = torch.empty_like(pred) if write_grad else pred.new_empty(0)
     fused = use_tickets()
-    # The same tile and warp count as the reduction fused into the loss kernel (tickets): the
-    # order of a tl.sum follows the layout, so both paths then round identically.
-    fin = _finalize_blocks(batch, n_chunks, 512)
+    # A separate finalize (one program) takes a big tile: at 64x3x256x256 a 512-element tile
+    # made it ~10 us of serial loop (H100). Fused, the tile is small (registers). The order of a
+    # tl.sum follows the tile layout, so the two paths agree to rounding, not bit for bit.
+    fin = _finalize_blocks(batch, n_chunks, 512 if fused else 4096)
     _loss_kernel[(n_parts,)](
         pred, x0, t, tables, call, P.split_key(k0), P.split_key(k1),
         grad, part, t, 1.0 / batch,
@@ -377,7 +379,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
         _finalize_kernel[(1,)](
             part, t, tables, loss, terms, scale, call, call_used,
             batch, n_chunks, n_parts, n, tables.shape[1],
-            CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=warps,
+            CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=8,
         )
     return loss, terms, grad, scale, call_used
 
@@ -392,7 +394,7 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
     grad = torch.empty_like(pred)
     batch = x0.shape[0]
     n = x0.numel() // batch
-    block, warps = block_config(n, heavy=learn_sigma)
+    block, warps = block_config(n)
     n_chunks = max(1, triton.cdiv(n, block))
     _loss_kernel[(batch * n_chunks,)](
         pred, x0, t, tables, call_used, P.split_key(k0), P.split_key(k1),
