@@ -15,8 +15,8 @@ Kernel (`_loss_kernel`), same flat (sample, chunk) grid as the noise op:
     the last ticket of an acq_rel atomic counter does it instead, inside the loss kernel; it
     agrees with the separate launch to rounding (a smaller tile sums in another order: bit-equal
     when the tiles match, H100 2026-11-26) and measured no faster, so it stays off.
-Grid: B * ceil(n / BLOCK) programs, BLOCK = 4096 elements with 8 warps (see block_config);
-each thread holds 4 Philox groups = 16 elements (16-byte loads for fp32, 8-byte for bf16/fp16).
+Grid: B * ceil(n / BLOCK) programs, BLOCK = 4096 elements with 8 warps (1024 with 4 warps for a
+batch under 4M elements; see block_config): 16 (8) elements = 4 (2) Philox groups per thread.
 
 Backward of reduction "mean" multiplies the saved gradient by grad_output *in place* (one
 launch), reading grad_output on the device and skipping the pass when it equals the scale already
@@ -337,7 +337,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
     tables = tables.contiguous()
     batch = x0.shape[0]
     n = x0.numel() // batch
-    block, warps = block_config(n)
+    block, warps = block_config(n, x0.numel())
     n_chunks = max(1, triton.cdiv(n, block))
     n_parts = batch * n_chunks
     n_terms = 2 if learn_sigma else 1
@@ -394,7 +394,7 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
     grad = torch.empty_like(pred)
     batch = x0.shape[0]
     n = x0.numel() // batch
-    block, warps = block_config(n)
+    block, warps = block_config(n, x0.numel())
     n_chunks = max(1, triton.cdiv(n, block))
     _loss_kernel[(batch * n_chunks,)](
         pred, x0, t, tables, call_used, P.split_key(k0), P.split_key(k1),

@@ -56,15 +56,20 @@ def tickets_for(call: torch.Tensor) -> torch.Tensor:
     return tk
 
 
-def block_config(n: int) -> tuple[int, int]:
-    """(BLOCK elements per program, num_warps) for n elements per sample: 4096 elements with 8
-    warps (16 per thread, four Philox groups), or the next power of two of a smaller sample with
-    4 warps. From the sweep in benchmarks/bench_ops.py (H100, CUDA-graph replay, fp32): at
-    64x3x256x256 4096/8 was the fastest of 512..4096 x 4/8 warps (97 us against 104 for 2048/4;
-    the learned-sigma loss 150 against 160), at 256x4x32x32 all were within 1 us.
-    The learned-sigma loss needs no smaller tile: at 16 per thread it holds 128 registers, no
-    spills. SPEED_TRITON_BLOCK / SPEED_TRITON_WARPS override them."""
-    cap = int(os.environ.get("SPEED_TRITON_BLOCK", "4096"))
+SMALL_BATCH = 1 << 22  # elements in the batch below which the small-batch tile is used
+
+
+def block_config(n: int, total: int) -> tuple[int, int]:
+    """(BLOCK elements per program, num_warps) for n elements per sample and `total` in the
+    batch. From the sweep in benchmarks/bench_ops.py (H100, CUDA-graph replay, fp32):
+    at 64x3x256x256 4096 with 8 warps (16 per thread, four Philox groups) was the fastest of
+    512..4096 x 4/8 warps (90.0 us against 91.4 for 2048/4 and 96.5 for 1024/4; learned sigma
+    141 against 143 and 150); at 256x4x32x32 1024 with 4 warps was among the fastest (24.7 us
+    against 25.8 for 4096/8): a small batch wants more programs in flight. The learned-sigma
+    loss needs no smaller tile (128 registers at 16 per thread, no spills).
+    SPEED_TRITON_BLOCK / SPEED_TRITON_WARPS override them."""
+    default = 1024 if 0 < total < SMALL_BATCH else 4096
+    cap = int(os.environ.get("SPEED_TRITON_BLOCK", str(default)))
     block = max(64, min(cap, triton.next_power_of_2(max(n, 1))))
     warps = int(os.environ.get("SPEED_TRITON_WARPS", "0")) or (8 if block >= 4096 else 4)
     return block, warps
@@ -196,7 +201,7 @@ def noise_launch(x0, t_in, tables, k0, k1, call, mirror, pivot):
     T = tab.shape[1]
     x_t = torch.empty_like(x0c)
     t = torch.empty(batch, dtype=torch.int64, device=x0c.device)
-    block, warps = block_config(n)
+    block, warps = block_config(n, x0c.numel())
     n_chunks = max(1, triton.cdiv(n, block))  # n == 0 still launches one program per sample for t
     n_draw = batch // 2 + 1 if mirror else batch
     fused = use_tickets()
