@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -512,6 +513,18 @@ def fmt_row(r):
             f"mem {fmt(r.get('peak_mem_mb'))} MB {r.get('note', '')}")
 
 
+def git_commit() -> str:
+    """Short HEAD of the tree that ran (with '+changes' when it differs from HEAD), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (head + ("+changes" if dirty else "")) if head else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def write_results(rows, sweep, bw, elapsed, quiet=False, kernels=()):
     os.makedirs(ARGS.out, exist_ok=True)
     name = re.sub(r"[^a-z0-9]+", "_", gpu_name().lower()).strip("_")
@@ -526,6 +539,7 @@ def write_results(rows, sweep, bw, elapsed, quiet=False, kernels=()):
         "cuda": getattr(torch.version, "cuda", None),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": cmd.strip(),
+        "commit": git_commit(),
         "copy_bandwidth_gbs": f"{bw:.0f}",
         "elapsed_s": f"{elapsed:.0f}",
     }
