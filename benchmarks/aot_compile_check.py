@@ -49,7 +49,7 @@ for dt in os.environ.get("DTYPES", "fp32,bf16").split(","):
             sig = dict(x0_ptr=f"*{dt}", xt_ptr=f"*{dt}", t_out_ptr="*i64", t_in_ptr="*i64", tab_ptr="*fp32",
                        call_ptr="*i64", ticket_ptr="*i32", k0="i32", k1="i32", pivot="i32", n_draw="i32",
                        n="i32", n_chunks="i32", T="i32", n_programs="i32")
-            compile_(N._noise_kernel, sig, dict(HAS_T=has_t, MIRROR=mirror, NITER=10, BLOCK=2048, TICKET=ticket, EVEN=even), 4,
+            compile_(N._noise_kernel, sig, dict(HAS_T=has_t, MIRROR=mirror, NITER=10, BLOCK=4096, TICKET=ticket, EVEN=even), 8,
                      f"noise {dt} has_t={has_t} mirror={mirror} ticket={ticket} even={even}")
     if which in ("all", "loss"):
         for target_, ls, mode in itertools.product((0, 1, 2), (False, True), ("fwd", "fwd-sep", "fwd-none", "bwd")):
@@ -59,10 +59,10 @@ for dt in os.environ.get("DTYPES", "fp32,bf16").split(","):
                        loss_ptr="*fp32", terms_ptr="*fp32", scale_ptr="*fp32", call_used_ptr="*i64", ticket_ptr="*i32", B="i32")
             c = dict(TARGET=target_, LEARN_SIGMA=ls, CALL_OFFSET=1 if mode != "bwd" else 0,
                      COMPUTE_LOSS=mode != "bwd", WRITE_GRAD=mode in ("fwd", "fwd-sep", "bwd"), PER_SAMPLE_SCALE=mode == "bwd",
-                     BLOCK=int(os.environ.get("LB", 2048)), FUSED_FINALIZE=mode in ("fwd", "fwd-none"), REDUCE_MEAN=mode in ("fwd", "fwd-sep"),
+                     BLOCK=int(os.environ.get("LB", 4096)), FUSED_FINALIZE=mode in ("fwd", "fwd-none"), REDUCE_MEAN=mode in ("fwd", "fwd-sep"),
                      BLOCK_B=int(os.environ.get("BB", 4)), BLOCK_C=int(os.environ.get("BC", 128)),
                      EVEN=mode in ("fwd", "bwd"))  # and the masked variant for the other two
-            compile_(L._loss_kernel, sig, c, 4, f"loss {dt} target={target_} ls={ls} {mode} even={c['EVEN']}")
+            compile_(L._loss_kernel, sig, c, 8 if c["BLOCK"] >= 4096 else 4, f"loss {dt} target={target_} ls={ls} {mode} even={c['EVEN']}")
 if which in ("all", "misc"):
     sig = dict(part_ptr="*fp32", t_ptr="*i64", tab_ptr="*fp32", loss_ptr="*fp32", terms_ptr="*fp32", scale_ptr="*fp32",
                call_ptr="*i64", call_used_ptr="*i64", B="i32", n_chunks="i32", n_parts="i32", n="i32", T="i32")
