@@ -66,7 +66,19 @@ ROW_SQRT_AB = tl.constexpr(ROW_SQRT_AB)
 ROW_WEIGHT = tl.constexpr(ROW_WEIGHT)
 ROW_X0HAT_OUT = tl.constexpr(ROW_X0HAT_OUT)
 ROW_X0HAT_XT = tl.constexpr(ROW_X0HAT_XT)
-from .noise import _block_offsets, _eps_block, block_config, load_f32, store_as, check_common, check_t, tickets_for, use_tickets
+from .noise import (
+    _block_offsets,
+    _eps_block,
+    block_config,
+    cdiv,
+    check_common,
+    check_t,
+    load_f32,
+    next_pow2,
+    store_as,
+    tickets_for,
+    use_tickets,
+)
 
 LN2 = math.log(2.0)
 INV_LN2 = tl.constexpr(1.0 / math.log(2.0))
@@ -320,8 +332,8 @@ def check_loss_inputs(pred, x0, t, tables, call, learn_sigma: bool, target: int)
 def _finalize_blocks(batch: int, n_chunks: int, tile: int) -> dict:
     """Tile of the fixed-order reduction. Fused into the loss kernel the tile is small (512):
     registers are allocated for the kernel's peak, and a big tile there would cost occupancy."""
-    block_c = min(tile // 4, triton.next_power_of_2(n_chunks))
-    block_b = max(1, min(tile // block_c, triton.next_power_of_2(batch)))
+    block_c = min(tile // 4, next_pow2(n_chunks))
+    block_b = max(1, min(tile // block_c, next_pow2(batch)))
     return dict(BLOCK_B=block_b, BLOCK_C=block_c)
 
 
@@ -338,7 +350,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
     batch = x0.shape[0]
     n = x0.numel() // batch
     block, warps = block_config(n, x0.numel())
-    n_chunks = max(1, triton.cdiv(n, block))
+    n_chunks = max(1, cdiv(n, block))
     n_parts = batch * n_chunks
     n_terms = 2 if learn_sigma else 1
     dev = x0.device
@@ -395,7 +407,7 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
     batch = x0.shape[0]
     n = x0.numel() // batch
     block, warps = block_config(n, x0.numel())
-    n_chunks = max(1, triton.cdiv(n, block))
+    n_chunks = max(1, cdiv(n, block))
     _loss_kernel[(batch * n_chunks,)](
         pred, x0, t, tables, call_used, P.split_key(k0), P.split_key(k1),
         grad, g, g, 1.0,
@@ -418,6 +430,6 @@ def scale_grad_(grad, state, grad_output, parity: int):
     N = grad.numel()
     BLOCK = 4096
     g = grad_output.reshape(1)
-    grid = max(1, min(triton.cdiv(N, BLOCK), _SCALE_GRID))
+    grid = max(1, min(cdiv(N, BLOCK), _SCALE_GRID))
     _scale_grad_kernel[(grid,)](grad, state, g, N, PARITY=parity, BLOCK=BLOCK, num_warps=8)
     return grad
