@@ -69,10 +69,10 @@ ROW_X0HAT_XT = tl.constexpr(ROW_X0HAT_XT)
 from .noise import (
     _block_offsets,
     _eps_block,
-    block_config,
     cdiv,
     check_common,
     check_t,
+    launch_config,
     load_f32,
     next_pow2,
     store_as,
@@ -349,8 +349,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
     tables = tables.contiguous()
     batch = x0.shape[0]
     n = x0.numel() // batch
-    block, warps = block_config(n, x0.numel())
-    n_chunks = max(1, cdiv(n, block))
+    block, warps, n_chunks, even = launch_config(n, x0.numel())
     n_parts = batch * n_chunks
     n_terms = 2 if learn_sigma else 1
     dev = x0.device
@@ -384,7 +383,7 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
         loss, terms, scale, call_used, tickets_for(call) if fused else t, batch,
         TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=1,
         COMPUTE_LOSS=True, WRITE_GRAD=write_grad, PER_SAMPLE_SCALE=False,
-        BLOCK=block, FUSED_FINALIZE=fused, REDUCE_MEAN=bool(reduce_mean), **fin, EVEN=n > 0 and n % block == 0,
+        BLOCK=block, FUSED_FINALIZE=fused, REDUCE_MEAN=bool(reduce_mean), **fin, EVEN=even,
         num_warps=warps,
     )
     if not fused:
@@ -406,8 +405,7 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
     grad = torch.empty_like(pred)
     batch = x0.shape[0]
     n = x0.numel() // batch
-    block, warps = block_config(n, x0.numel())
-    n_chunks = max(1, cdiv(n, block))
+    block, warps, n_chunks, even = launch_config(n, x0.numel())
     _loss_kernel[(batch * n_chunks,)](
         pred, x0, t, tables, call_used, P.split_key(k0), P.split_key(k1),
         grad, g, g, 1.0,
@@ -416,7 +414,7 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
         TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=0,
         COMPUTE_LOSS=False, WRITE_GRAD=True, PER_SAMPLE_SCALE=True,
         BLOCK=block, FUSED_FINALIZE=False, REDUCE_MEAN=False, BLOCK_B=16, BLOCK_C=16,
-        EVEN=n > 0 and n % block == 0, num_warps=warps,
+        EVEN=even, num_warps=warps,
     )
     return grad
 

@@ -85,6 +85,13 @@ def block_config(n: int, total: int) -> tuple[int, int]:
     return block, warps
 
 
+def launch_config(n: int, total: int) -> tuple[int, int, int, bool]:
+    """(BLOCK, num_warps, chunks per sample, EVEN) of the noise and loss kernels. n == 0 still
+    gets one chunk (one program per sample draws its t); EVEN means BLOCK divides n."""
+    block, warps = block_config(n, total)
+    return block, warps, max(1, cdiv(n, block)), n > 0 and n % block == 0
+
+
 @triton.jit
 def _eps_block(start, b, call_u32, key0, key1, BLOCK: tl.constexpr):
     """eps of elements [start, start + BLOCK) of sample b (start a multiple of 4, int64): one
@@ -211,15 +218,14 @@ def noise_launch(x0, t_in, tables, k0, k1, call, mirror, pivot):
     T = tab.shape[1]
     x_t = torch.empty_like(x0c)
     t = torch.empty(batch, dtype=torch.int64, device=x0c.device)
-    block, warps = block_config(n, x0c.numel())
-    n_chunks = max(1, cdiv(n, block))  # n == 0 still launches one program per sample for t
+    block, warps, n_chunks, even = launch_config(n, x0c.numel())
     n_draw = batch // 2 + 1 if mirror else batch
     fused = use_tickets()
     _noise_kernel[(batch * n_chunks,)](
         x0c, x_t, t, t_in if t_in is not None else t, tab, call, tickets_for(call) if fused else t,
         P.split_key(k0), P.split_key(k1), int(pivot), n_draw, n, n_chunks, T, batch * n_chunks,
         HAS_T=t_in is not None, MIRROR=bool(mirror) and t_in is None,
-        NITER=T.bit_length(), BLOCK=block, TICKET=fused, EVEN=n > 0 and n % block == 0, num_warps=warps,
+        NITER=T.bit_length(), BLOCK=block, TICKET=fused, EVEN=even, num_warps=warps,
     )
     if not fused:
         call.add_(1)
