@@ -20,8 +20,10 @@ Environment variables:
   there is no CUDA torch or toolkit, and then the install goes on without the extension).
 * ``MAX_JOBS``: parallel compile jobs (ninja).
 
-A failed build never fails the install: a warning is printed and the package imports without
-``_C``; ``speed_kernels.backends.backends()`` then reports why ``cpp``/``cuda`` are unavailable.
+A failed build fails the install, with the reason and the way out in the message pip shows:
+pip hides a successful build's output, so a warning would go unseen and the user would land on the
+slower fallback without knowing. ``SPEED_KERNELS_NO_EXT=1`` installs the pure-Python package on
+purpose; ``speed_kernels.backends()`` then says which backends run and why the others do not.
 """
 import os
 import sys
@@ -31,9 +33,23 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _warn(msg: str) -> None:
+def _banner(msg: str) -> str:
     bar = "=" * 78
-    print(f"\n{bar}\nspeed-kernels: {msg}\n{bar}\n", file=sys.stderr)
+    return f"\n{bar}\nspeed-kernels: {msg}\n{bar}\n"
+
+
+def _warn(msg: str) -> None:
+    print(_banner(msg), file=sys.stderr)
+
+
+NO_EXT_HINT = (
+    "To install without the compiled kernels on purpose (backends 'torch-fast'/'torch' on the CPU, "
+    "'triton' on GPUs), set SPEED_KERNELS_NO_EXT=1."
+)
+
+
+def _fail(msg: str) -> None:
+    raise SystemExit(_banner(f"{msg}\n{NO_EXT_HINT}"))
 
 
 def _extension_config():
@@ -45,11 +61,11 @@ def _extension_config():
         import torch
         from torch.utils import cpp_extension
     except Exception as exc:  # build isolation, or torch missing
-        _warn(
-            f"torch is not importable at build time ({exc}); installing without the compiled "
-            "extension. Use `pip install --no-build-isolation .` after installing torch."
+        _fail(
+            f"torch is not importable at build time ({exc}), so speed_kernels._C cannot be built. "
+            "Install torch first (pip install -r requirements.txt), then install this package with "
+            "`pip install --no-build-isolation .` (or -e .) so the build sees it."
         )
-        return [], {}
 
     want = os.environ.get("SPEED_KERNELS_CUDA", "auto")
     cuda_possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -94,9 +110,10 @@ def _extension_config():
             try:
                 super().run()
             except Exception as exc:  # compiler missing, compile error, toolkit mismatch
-                _warn(
-                    f"building speed_kernels._C failed ({type(exc).__name__}: {exc}); installing "
-                    "without it (backends 'cpp'/'cuda' unavailable, 'torch'/'triton' still work)"
+                _fail(
+                    f"building speed_kernels._C failed ({type(exc).__name__}: {exc}). It needs a C++17 "
+                    "compiler with OpenMP (Debian/Ubuntu: apt-get install g++), and nvcc matching torch's "
+                    "CUDA for the CUDA kernels (SPEED_KERNELS_CUDA=0 builds the CPU kernels only)."
                 )
 
     print(f"speed-kernels: building speed_kernels._C ({'CPU + CUDA' if use_cuda else 'CPU only'})", file=sys.stderr)
@@ -113,10 +130,12 @@ setup(
     + find_packages("python", include=["speed_train", "speed_train.*"]),
     package_dir={"speed_train": "python/speed_train"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
+    # every module the package imports at run time (scikit-learn and pillow: the embedded digits and
+    # the sample grids of the default `speed-kernels train`)
+    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "matplotlib", "pillow", "scikit-learn"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["speed-kernels=speed_kernels.cli:main"]},
     ext_modules=ext_modules,

@@ -12,16 +12,21 @@ Every backend is an object with
   (``reduce_mean``) or the per-sample [B] float32 loss, differentiable w.r.t. ``pred``;
   ``terms`` is a detached float32 [2, B] tensor of (weighted MSE, VLB) per sample.
 
+``torch-fast`` (speed_kernels/fast_torch.py) follows the same interface but draws with torch's own
+generator: the fallback where no kernel backend runs, not a member of the bit-exact contract.
+
 ``tables`` is the float32 [NUM_ROWS, T] table of speed_kernels.tables on x0's device; ``target``
 is 0 (eps), 1 (v) or 2 (x0).
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from . import reference
+from .fast_torch import TorchFastBackend
 
 
 class TorchBackend:
@@ -39,7 +44,7 @@ class TorchBackend:
         return reference.loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean)
 
 
-_REGISTRY: dict[str, object] = {"torch": TorchBackend()}
+_REGISTRY: dict[str, object] = {"torch": TorchBackend(), "torch-fast": TorchFastBackend()}
 _LOAD_ERRORS: dict[str, str] = {}
 
 
@@ -66,7 +71,10 @@ def _try_load(name: str):
     return _REGISTRY[name]
 
 
-KNOWN = ("auto", "triton", "cuda", "cpp", "torch")
+KNOWN = ("auto", "triton", "cuda", "cpp", "torch", "torch-fast")
+# auto's preference per device type; the last entry is the fallback when no kernel backend loads
+_AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+_ANNOUNCED: set[str] = set()
 
 
 def backends() -> dict[str, str]:
@@ -82,21 +90,58 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def auto_choice(device: torch.device) -> tuple[str, str]:
+    """(backend name, why) that `auto` runs on `device`."""
+    order = _AUTO_ORDER.get(device.type, ())
+    missing = []
+    for cand in order:
+        b = _try_load(cand)
+        if b is not None and b.supports(device):
+            return cand, f"auto on {device.type}"
+        missing.append(f"{cand}: {_LOAD_ERRORS.get(cand) or f'does not run on {device.type}'}")
+    why = f"auto on {device.type}: no kernel backend" + (f" ({'; '.join(missing)})" if missing else "")
+    return "torch-fast", why
+
+
+def _announce_fallback(device: torch.device, why: str) -> None:
+    if device.type in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(device.type)
+    warnings.warn(
+        f"speed_kernels: {why}; running the loss path on 'torch-fast' (plain PyTorch ops and torch's "
+        "own generator: same distributions, not the Philox stream of the other backends). "
+        "backend='torch' is the bit-exact reference; see speed_kernels.backends() for what is missing.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def select(name: str, device: torch.device):
     """The backend object for `name` on `device` (`auto`: triton on CUDA, then cuda; cpp on CPU;
-    torch everywhere else)."""
+    `torch-fast`, announced once, where none of those loads)."""
     if name not in KNOWN:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(KNOWN)}")
     if name == "auto":
-        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpp", "torch")
-        for cand in order:
-            b = _try_load(cand)
-            if b is not None and b.supports(device):
-                return b
-        return _REGISTRY["torch"]
+        chosen, why = auto_choice(device)
+        if chosen == "torch-fast":
+            _announce_fallback(device, why)
+        return _REGISTRY[chosen]
     b = _try_load(name)
     if b is None:
         raise ValueError(f"backend {name!r} is not available: {_LOAD_ERRORS.get(name)}")
     if not b.supports(device):
         raise ValueError(f"backend {name!r} does not run on device {device}")
     return b
+
+
+class _CallableModule(type(os)):
+    """`speed_kernels.backends()` must keep working after this submodule is imported: the import
+    system then binds the package attribute `backends` to the module, so the module answers calls."""
+
+    def __call__(self) -> dict[str, str]:
+        return backends()
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
