@@ -249,12 +249,8 @@ SK_INLINE void loss_rows_body(const LossArgs& a, int64_t i0, int64_t i1) {
     P* gv = go ? go + a.n : nullptr;
     float cx0 = 0, cxt = 0, lt = 0, lmax = 0, hxt = 0, hout = 0, g_vb = 0;
     if (a.learn_sigma) {
-      cx0 = row[ROW_POST_X0 * T + t];
-      cxt = row[ROW_POST_XT * T + t];
-      lt = row[ROW_POST_LOGVAR * T + t];
-      lmax = row[ROW_LOG_BETA * T + t];
-      hxt = row[ROW_X0HAT_XT * T + t];
-      hout = row[ROW_X0HAT_OUT * T + t];
+      const LearnedSigmaCoefs c = load_learned_sigma(row, T, t);
+      cx0 = c.c_x0, cxt = c.c_xt, lt = c.lv_true, lmax = c.lv_max, hxt = c.x0hat_xt, hout = c.x0hat_out;
       // d vb / d v_j = dterm/dlm * dlm/dv / (n ln 2), dlm/dv = (lmax - lt) / 2.
       g_vb = static_cast<float>(0.5 / (static_cast<double>(a.n) * LN2)) * (lmax - lt) * scale;
     }

@@ -12,6 +12,7 @@
 
 #include "cuda_ops.h"
 #include "philox.h"
+#include "table_rows.h"
 #include "vlb.h"
 
 namespace speed_kernels {
@@ -20,8 +21,6 @@ namespace {
 
 constexpr int THREADS = 256;
 constexpr int E = 8;  // elements per thread unit (two Philox groups)
-constexpr int ROW_SQRT_AB = 0, ROW_SQRT_1MAB = 1, ROW_WEIGHT = 2, ROW_CDF = 3, ROW_POST_X0 = 4, ROW_POST_XT = 5,
-              ROW_POST_LOGVAR = 6, ROW_LOG_BETA = 7, ROW_X0HAT_XT = 8, ROW_X0HAT_OUT = 9;
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -147,12 +146,8 @@ __global__ void __launch_bounds__(THREADS) loss_kernel(LossParams p, int bps) {
   const float g_mse = static_cast<float>(2.0 * static_cast<double>(w) / static_cast<double>(p.n)) * scale;
   float cx0 = 0, cxt = 0, lt = 0, lmax = 0, hxt = 0, hout = 0, g_vb = 0;
   if (p.learn_sigma) {
-    cx0 = row[ROW_POST_X0 * T + t];
-    cxt = row[ROW_POST_XT * T + t];
-    lt = row[ROW_POST_LOGVAR * T + t];
-    lmax = row[ROW_LOG_BETA * T + t];
-    hxt = row[ROW_X0HAT_XT * T + t];
-    hout = row[ROW_X0HAT_OUT * T + t];
+    const LearnedSigmaCoefs c = load_learned_sigma(row, T, t);
+    cx0 = c.c_x0, cxt = c.c_xt, lt = c.lv_true, lmax = c.lv_max, hxt = c.x0hat_xt, hout = c.x0hat_out;
     g_vb = static_cast<float>(0.5 / (static_cast<double>(p.n) * 0.69314718055994530942)) * (lmax - lt) * scale;
     if (bad) g_vb = NAN;
   }

@@ -10,22 +10,10 @@
 
 #include <tuple>
 
+#include "table_rows.h"  // ROW_* and NUM_ROWS, generated from speed_kernels/tables.py
+
 namespace speed_kernels {
 
-// Rows of the float32 [NUM_ROWS, T] table (speed_kernels/tables.py).
-enum TableRow : int64_t {
-  ROW_SQRT_AB = 0,
-  ROW_SQRT_1MAB = 1,
-  ROW_WEIGHT = 2,
-  ROW_CDF = 3,
-  ROW_POST_X0 = 4,
-  ROW_POST_XT = 5,
-  ROW_POST_LOGVAR = 6,
-  ROW_LOG_BETA = 7,
-  ROW_X0HAT_XT = 8,   // predicted x0 = ROW_X0HAT_XT * x_t + ROW_X0HAT_OUT * out
-  ROW_X0HAT_OUT = 9,
-  NUM_ROWS = 10,
-};
 
 std::tuple<at::Tensor, at::Tensor> noise_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& t_in,
                                              const at::Tensor& tables, int64_t k0, int64_t k1,

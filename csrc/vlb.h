@@ -10,8 +10,26 @@
 #include <math.h>
 
 #include "philox.h"  // SK_HD
+#include "table_rows.h"
 
 namespace speed_kernels {
+
+// The learned-sigma coefficients of one time step (rows of the table), read the same way by the CPU
+// and CUDA kernels.
+struct LearnedSigmaCoefs {
+  float c_x0;      // posterior mean coefficient of x0
+  float c_xt;      // posterior mean coefficient of x_t
+  float lv_true;   // clipped log posterior variance (the learned range's lower end)
+  float lv_max;    // log beta_t (its upper end)
+  float x0hat_xt;  // predicted x0 = x0hat_xt * x_t + x0hat_out * out
+  float x0hat_out;
+};
+
+SK_HD LearnedSigmaCoefs load_learned_sigma(const float* tables, int64_t T, int64_t t) {
+  return LearnedSigmaCoefs{tables[ROW_POST_X0 * T + t],  tables[ROW_POST_XT * T + t],
+                           tables[ROW_POST_LOGVAR * T + t], tables[ROW_LOG_BETA * T + t],
+                           tables[ROW_X0HAT_XT * T + t], tables[ROW_X0HAT_OUT * T + t]};
+}
 
 struct VlbTerm {
   float value;  // nats

@@ -12,31 +12,60 @@ import torch
 
 from .rng import uniform_cdf_of
 
-ROW_SQRT_AB = 0  # sqrt(alphabar_t)
-ROW_SQRT_1MAB = 1  # sqrt(1 - alphabar_t)
-ROW_WEIGHT = 2  # strategy weight of the MSE term
-ROW_CDF = 3  # float32 CDF of the sampling distribution (last entry exactly 1)
-ROW_POST_X0 = 4  # posterior mean coefficient of x0
-ROW_POST_XT = 5  # posterior mean coefficient of x_t
-ROW_POST_LOGVAR = 6  # clipped log posterior variance (the learned range's lower end)
-ROW_LOG_BETA = 7  # log beta_t (the learned range's upper end)
-ROW_X0HAT_XT = 8  # predicted x0 = ROW_X0HAT_XT * x_t + ROW_X0HAT_OUT * model output
-ROW_X0HAT_OUT = 9  # (eps: 1/sqrt(ab), -sqrt(1/ab - 1); v: sqrt(ab), -sqrt(1-ab); x0: 0, 1)
-NUM_ROWS = 10
+# The table layout, defined once: (constant, long name, what the row holds). Row i is ROWS[i].
+# Python (here), Triton (ops/*.py import these constants) and C++/CUDA (csrc/table_rows.h, generated
+# from this tuple by `python -m speed_kernels.tables > csrc/table_rows.h`; tests/test_table_layout.py
+# fails when the header is stale) all read it, so adding a row is one edit here plus the regeneration.
+ROWS = (
+    ("ROW_SQRT_AB", "sqrt_alphas_cumprod", "sqrt(alphabar_t)"),
+    ("ROW_SQRT_1MAB", "sqrt_one_minus_alphas_cumprod", "sqrt(1 - alphabar_t)"),
+    ("ROW_WEIGHT", "weights", "strategy weight of the MSE term"),
+    ("ROW_CDF", "cdf", "float32 CDF of the sampling distribution (last entry exactly 1)"),
+    ("ROW_POST_X0", "posterior_mean_coef_x0", "posterior mean coefficient of x0"),
+    ("ROW_POST_XT", "posterior_mean_coef_xt", "posterior mean coefficient of x_t"),
+    ("ROW_POST_LOGVAR", "posterior_log_variance_clipped", "clipped log posterior variance (the learned range's lower end)"),
+    ("ROW_LOG_BETA", "log_betas", "log beta_t (the learned range's upper end)"),
+    ("ROW_X0HAT_XT", "x0_from_xt", "predicted x0 = ROW_X0HAT_XT * x_t + ROW_X0HAT_OUT * model output"),
+    ("ROW_X0HAT_OUT", "x0_from_out", "(eps: 1/sqrt(ab), -sqrt(1/ab - 1); v: sqrt(ab), -sqrt(1-ab); x0: 0, 1)"),
+)
+NUM_ROWS = len(ROWS)
+ROW_NAMES = tuple(name for _, name, _ in ROWS)
+(
+    ROW_SQRT_AB,
+    ROW_SQRT_1MAB,
+    ROW_WEIGHT,
+    ROW_CDF,
+    ROW_POST_X0,
+    ROW_POST_XT,
+    ROW_POST_LOGVAR,
+    ROW_LOG_BETA,
+    ROW_X0HAT_XT,
+    ROW_X0HAT_OUT,
+) = range(NUM_ROWS)
+assert all(globals()[const] == i for i, (const, _, _) in enumerate(ROWS)), "ROWS and the ROW_* names disagree"
+# the rows only learned-sigma losses read (a loss without it may pass a table of ROW_CDF + 1 rows)
+LEARNED_SIGMA_ROWS = (ROW_POST_X0, ROW_POST_XT, ROW_POST_LOGVAR, ROW_LOG_BETA, ROW_X0HAT_XT, ROW_X0HAT_OUT)
 
 TARGETS = ("eps", "v", "x0")
-ROW_NAMES = (
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "weights",
-    "cdf",
-    "posterior_mean_coef_x0",
-    "posterior_mean_coef_xt",
-    "posterior_log_variance_clipped",
-    "log_betas",
-    "x0_from_xt",
-    "x0_from_out",
-)
+
+
+def c_header() -> str:
+    """csrc/table_rows.h: the row constants for the C++ and CUDA kernels (torch-free)."""
+    lines = [
+        "// Generated from speed_kernels/tables.py by `python -m speed_kernels.tables > csrc/table_rows.h`.",
+        "// Do not edit: change ROWS there and regenerate (tests/test_table_layout.py checks this file).",
+        "// Rows of the float32 [NUM_ROWS, T] table every backend reads.",
+        "#pragma once",
+        "",
+        "#include <stdint.h>",
+        "",
+        "namespace speed_kernels {",
+        "",
+    ]
+    for i, (const, _, doc) in enumerate(ROWS):
+        lines.append(f"constexpr int64_t {const} = {i};  // {doc}")
+    lines += [f"constexpr int64_t NUM_ROWS = {NUM_ROWS};", "", "}  // namespace speed_kernels", ""]
+    return "\n".join(lines)
 
 
 def target_code(prediction: str) -> int:
@@ -103,7 +132,7 @@ def build_tables(
         rows[ROW_LOG_BETA] = torch.log(betas)
         rows[ROW_X0HAT_XT] = a
         rows[ROW_X0HAT_OUT] = b
-        for r in (ROW_POST_X0, ROW_POST_XT, ROW_POST_LOGVAR, ROW_LOG_BETA, ROW_X0HAT_XT, ROW_X0HAT_OUT):
+        for r in LEARNED_SIGMA_ROWS:
             if not torch.isfinite(rows[r]).all():
                 bad = int((~torch.isfinite(rows[r])).nonzero()[0])
                 raise ValueError(
@@ -114,3 +143,7 @@ def build_tables(
 
 
 LN2 = math.log(2.0)
+
+
+if __name__ == "__main__":
+    print(c_header(), end="")
