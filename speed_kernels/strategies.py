@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
+from speed_kernels.process import areas, mirror_pivot
 from speed_kernels.schedules import NoiseSchedule
 
 __all__ = [
@@ -177,7 +178,6 @@ class Strategy:
     def pivot(self, schedule: NoiseSchedule) -> int:
         """The official SpeeD mirror pivot m = argmax(∂_t √(1-ᾱ_t) < 1e-4) + 1 (642 on linear);
         see :func:`speed_kernels.analysis.mirror_pivot`. Only used when ``mirror`` is True."""
-        from speed_kernels.analysis import mirror_pivot
 
         return mirror_pivot(_check_schedule(schedule))
 
@@ -287,7 +287,6 @@ class SpeeD(Strategy):
     def resolve_tau(self, schedule: NoiseSchedule) -> int:
         """τ for this schedule: the int given (checked in [0, T]) or the analysis' value for "auto"."""
         if self.tau == "auto":
-            from speed_kernels.analysis import areas
 
             return int(areas(schedule)["tau"])
         if not 0 <= self.tau <= schedule.T:
