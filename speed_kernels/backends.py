@@ -100,3 +100,9 @@ def select(name: str, device: torch.device):
     if not b.supports(device):
         raise ValueError(f"backend {name!r} does not run on device {device}")
     return b
+
+
+def numerics_env() -> dict[str, str]:
+    """Every SPEED_* environment variable that is set ({name: value}): the knobs that may change
+    numerics, recorded in run.json / summary.json / results files."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPEED_")}
