@@ -446,7 +446,10 @@ def strategy_parameters(name: str) -> Optional[List[str]]:
         return []
     if name not in S.names():
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(S.names())}")
-    sig = inspect.signature(S._REGISTRY[name])
+    factory = S._REGISTRY[name]
+    if isinstance(factory, type) and factory.__init__ is S.Strategy.__init__:
+        return []  # the base constructor: **params only to refuse any
+    sig = inspect.signature(factory)
     if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
     return [p for p in sig.parameters if p != "self"]

@@ -110,7 +110,7 @@ def checkpoint_files(folder: Path) -> list[tuple[int, Path]]:
     found = []
     for p in folder.iterdir():
         m = _STEP_RE.match(p.name)
-        if m:
+        if m and p.is_file():
             found.append((int(m.group(1)), p))
     return sorted(found, reverse=True)
 

@@ -388,7 +388,10 @@ class Trainer:
         # CPU: .item() is free (no asynchronous queue), so check every step and stop before the
         # optimizer applies a NaN; skip_nonfinite must decide before the step too. CUDA: a
         # device-side record of the first bad step, read at side steps (no per-step sync).
-        self._check_every_step = self.device.type != "cuda" or cfg.skip_nonfinite > 0
+        # A strategy that learns from the losses copies them to the host every step anyway (and
+        # must never learn from a NaN), so it is checked every step too.
+        self._check_every_step = (self.device.type != "cuda" or cfg.skip_nonfinite > 0
+                                  or _learns_from_losses(self.loss_fn.strategy))
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.last_good_ckpt: Path | None = None
         self.last_grid: str | None = None
@@ -473,7 +476,14 @@ class Trainer:
         x_t, t = self.loss_fn.noise(x0)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             pred = self.fwd(x_t, t, **kw)
-        loss = self.loss_fn.loss(pred, x0, t)
+        try:
+            loss = self.loss_fn.loss(pred, x0, t)
+        except ValueError:
+            # a strategy refusing non-finite losses (importance): the model's output is the cause
+            if self._check_every_step and not bool(torch.isfinite(pred).all()):
+                nan = torch.full((), float("nan"), device=self.device)
+                return self._on_nonfinite(nan, nan)
+            raise
         if self.gather_losses:
             # the strategy learns from unweighted losses (what auto_update feeds it too)
             per = self.loss_fn.unweighted_losses(t).float()
@@ -496,16 +506,20 @@ class Trainer:
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 bad = flag.bool()
             if bool(bad):
-                if self.skipped >= cfg.skip_nonfinite:
-                    self._stop_nonfinite(self.step + 1, float(loss), float(gn))
-                self.skipped += 1
-                self.opt.zero_grad(set_to_none=True)
-                return loss, gn, False
+                return self._on_nonfinite(loss, gn)
         else:
             self._first_bad = torch.where(bad & (self._first_bad < 0), self.step + 1, self._first_bad)
         self.opt.step()
         self._update_ema()
         return loss, gn, True
+
+    def _on_nonfinite(self, loss, gn):
+        """Skip this step (within the skip_nonfinite budget) or stop."""
+        if self.skipped >= self.cfg.skip_nonfinite:
+            self._stop_nonfinite(self.step + 1, float(loss), float(gn))
+        self.skipped += 1
+        self.opt.zero_grad(set_to_none=True)
+        return loss, gn, False
 
     def _stop_nonfinite(self, step: int, loss: float | None = None, gn: float | None = None):
         what = "" if loss is None else f" (loss {loss}, grad norm {gn})"
@@ -728,7 +742,7 @@ class Trainer:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
     def plot_loss(self, path: Path | None = None) -> str | None:
-        rows = [r for r in self._read_metrics() if "loss" in r]
+        rows = [r for r in self._read_metrics() if r.get("loss") is not None]
         if not rows:
             return None
         import matplotlib

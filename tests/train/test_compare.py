@@ -70,7 +70,7 @@ def cache(tmp_path_factory):
 def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monkeypatch, capsys):
     pytest.importorskip("sklearn")
     monkeypatch.setenv("SPEED_KERNELS_CACHE", str(cache))
-    from speed_kernels.cli import main
+    from speed_train.cli import main
 
     out = tmp_path / "cmp"
     argv = [
@@ -117,7 +117,7 @@ def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monke
 
 
 def test_compare_cli_reports_bad_strategy(tmp_path, capsys):
-    from speed_kernels.cli import main
+    from speed_train.cli import main
 
     rc = main(["compare", "--strategies", "uniform,bogus", "--out", str(tmp_path / "x")])
     assert rc == 2

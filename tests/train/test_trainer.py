@@ -98,7 +98,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 def test_torchrun_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "speed_kernels.cli", "train", "--device", "cpu", "--model", "unet-tiny", "--strategy", "importance",
+           "-m", "speed_train.cli", "train", "--device", "cpu", "--model", "unet-tiny", "--strategy", "importance",
            "--steps", "4", "--batch-size", "16", "--log-every", "1", "--sample-n", "10", "--sample-steps", "3",
            "--no-progress", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -127,7 +127,7 @@ def _history_size(state):
 
 
 def _cli(argv):
-    from speed_kernels.cli import main
+    from speed_train.cli import main
 
     return main(argv)
 
