@@ -122,6 +122,9 @@ def save_rotating(state: dict, folder: Path, step: int, keep: int = 2) -> Path:
     if not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
     folder = Path(folder)
+    for stale in folder.glob(".ckpt*.tmp*"):  # left by a writer killed mid-save
+        if not stale.name.endswith(f".tmp{os.getpid()}"):
+            stale.unlink(missing_ok=True)
     path = folder / f"ckpt-{step:07d}.pt"
     save_atomic(state, path)
     _link_latest(path)

@@ -46,6 +46,7 @@ def _train_parser(p: argparse.ArgumentParser):
     g.add_argument("--prediction", choices=["eps", "v", "x0"])
     g.add_argument("--learn-sigma", action="store_true", help="2C outputs and DiT's hybrid loss")
     g.add_argument("--schedule", help=f"noise schedule (default {d.schedule})")
+    g.add_argument("--T", type=int, help=f"diffusion steps (default {d.T})")
     g.add_argument("--backend", help="loss backend: auto | triton | cuda | cpp | torch")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
