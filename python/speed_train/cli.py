@@ -129,7 +129,8 @@ def cmd_train(args) -> int:
 
 
 def _sample_parser(p: argparse.ArgumentParser):
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by `speed-kernels train`")
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by `speed-kernels train`, or its run folder "
+                   "(the newest readable checkpoint)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
     p.add_argument("--steps", type=int, default=50, help="respaced sampler steps (default 50)")

@@ -170,6 +170,7 @@ def speedup(uniform_curve: tuple[Sequence, Sequence], curve: tuple[Sequence, Seq
 
 def _provenance(command: str | None, device: str) -> dict:
     import torch
+    from speed_kernels.backends import numerics_env
 
     try:
         import speed_kernels
@@ -206,6 +207,7 @@ def _provenance(command: str | None, device: str) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "speed_kernels": skv, "speed_train": stv},
         "git_commit": commit,
+        "numerics_env": numerics_env(),  # SPEED_* knobs that may change numerics
     }
 
 
@@ -476,6 +478,7 @@ def _write_results(out: Path, result: dict) -> dict:
         f"- produced by: `{meta['command']}` ({meta['produced_by']})",
         f"- date: {meta['date']}; machine: {meta['machine']}; device: {meta['device']}",
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f"; git {meta['git_commit']}",
+        f"- SPEED_* environment: {json.dumps(meta.get('numerics_env') or {})}",
         f"- training: {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, {cfg['schedule']} schedule, "
         f"{cfg['prediction']}-prediction{', learned sigma' if cfg['learn_sigma'] else ''}, seeds {cfg['seeds']}",
         f"- score: {what}; evaluated every {cfg['eval_every']} steps",
@@ -497,7 +500,7 @@ def _write_results(out: Path, result: dict) -> dict:
     with open(p, "w", newline="") as f:
         f.write(f"# produced by: {meta['command']}\n# date: {meta['date']}; machine: {meta['machine']}; "
                 f"device: {meta['device']}\n# versions: {json.dumps(meta['versions'])}; git {meta['git_commit']}\n"
-                f"# score: {what}\n")
+                f"# SPEED_* environment: {json.dumps(meta.get('numerics_env') or {})}\n# score: {what}\n")
         keys = ["strategy", "final", "final_std", "best", "steps_to_target", "speedup", "speedup_bound",
                 "target", "uniform_steps"] + [f"final_{m}" for m in ev["floor"] if m != "n"] + ["final_loss", "steps_per_s"]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -592,7 +595,7 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="read back runs already in --out made with identical settings (add seeds or strategies)")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each run's final ckpt.pt (default: delete it; metrics, samples and logs stay)")
+                   help="keep each run's checkpoints (default: delete them; metrics, samples and logs stay)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
     return p

@@ -341,6 +341,10 @@ class Trainer:
             cfg = self._config_for_resume(raw, cfg, state, explicit)
             if (cfg.data, cfg.image_size, cfg.flip) != (raw.data, raw.image_size, raw.flip):
                 self.data = load_dataset(cfg.data, cfg.image_size, cfg.flip)  # the checkpoint's data
+            if cfg.device != raw.device:  # the checkpoint's device (e.g. cpu on a machine with a GPU)
+                self.device = _pick_device(cfg.device, self.local_rank)
+            if cfg.threads and cfg.threads != raw.threads:
+                torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         if cfg.batch_size % self.world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world_size} ranks")
@@ -437,7 +441,7 @@ class Trainer:
                 continue
             theirs = saved[k]
             if k in FREE_ON_RESUME:
-                merged[k] = mine if k in chosen or k in ("resume", "out") else theirs
+                merged[k] = mine if k in chosen or k in ("resume", "out", "overrides") else theirs
             elif k in chosen and _differs(theirs, mine):
                 if k in cfg.overrides:
                     merged[k] = mine
