@@ -137,7 +137,7 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["speed-kernels=speed_kernels.cli:main"]},
+    entry_points={"console_scripts": ["speed-kernels=speed_train.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

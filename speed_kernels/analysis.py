@@ -258,34 +258,105 @@ def make_schedule(name: str, T: int = 1000, zero_snr: bool = False) -> NoiseSche
     return s.rescale_zero_terminal_snr() if zero_snr else s
 
 
-def _parse_value(text: str) -> Any:
-    low = text.lower()
+# ---------------------------------------------------------------------------- KEY=VALUE parameters
+# The one parser for strategy parameters on every command line (analyze, train, compare):
+#   --param [STRATEGY:]KEY=VALUE        (repeatable; no prefix: every chosen strategy that has KEY)
+#   NAME:KEY=VALUE,KEY=VALUE            (a strategy with its own parameters, in --strategy)
+
+
+def parse_value(text: str) -> Any:
+    """'5' -> 5, '0.6' -> 0.6, 'true' -> True, 'none' -> None, anything else stays a string."""
+    low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
-    if low == "none":
+    if low in ("none", "null"):
         return None
     for conv in (int, float):
         try:
             return conv(text)
         except ValueError:
             pass
-    return text
+    return text.strip()
 
 
-def _parse_params(items: Sequence[str], strategy_names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """``[STRATEGY:]KEY=VALUE`` items → params per strategy (no prefix: every chosen strategy)."""
+def split_key_value(item: str, option: str = "--param") -> tuple:
+    """'speed:k=5' -> ('speed', 'k', 5); 'k=5' -> ('', 'k', 5)."""
+    key, sep, val = str(item).partition("=")
+    target, _, key = key.rpartition(":")
+    if not sep or not key.strip():
+        raise ValueError(f"{option} must look like [STRATEGY:]key=value, got {item!r}")
+    return target.strip(), key.strip(), parse_value(val)
+
+
+def strategy_parameters(name: str) -> Optional[List[str]]:
+    """The keyword parameters strategy ``name`` accepts ([] for an 'a+b' combination, None for a
+    factory taking **kwargs). Unknown name -> ValueError listing the known ones."""
+    import inspect
+
+    from speed_kernels import strategies as S
+
+    if "+" in name:
+        for part in name.split("+", 1):
+            strategy_parameters(part)
+        return []
+    if name not in S.names():
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(S.names())}")
+    factory = S._REGISTRY[name]
+    if isinstance(factory, type) and factory.__init__ is S.Strategy.__init__:
+        return []  # the base constructor: **params only to refuse any
+    sig = inspect.signature(factory)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return [p for p in sig.parameters if p != "self"]
+
+
+def parse_strategy_spec(spec: str) -> tuple:
+    """'speed:k=5,lam=0.6' -> ('speed', {'k': 5, 'lam': 0.6}); 'uniform' -> ('uniform', {})."""
+    name, _, rest = str(spec).partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"strategy must look like NAME or NAME:KEY=VALUE,KEY=VALUE, got {spec!r}")
+    params: Dict[str, Any] = {}
+    for kv in (x for x in rest.split(",") if x.strip()):
+        target, key, val = split_key_value(kv, option=f"strategy {name!r} parameter")
+        if target:
+            raise ValueError(f"strategy {name!r} parameter must be key=value, got {kv!r}")
+        params[key] = val
+    return name, params
+
+
+def parse_params(items: Sequence[str], strategy_names: Sequence[str], option: str = "--param"
+                 ) -> Dict[str, Dict[str, Any]]:
+    """``[STRATEGY:]KEY=VALUE`` items -> {strategy: {key: value}} for the chosen strategies,
+    checked against each strategy's signature: a prefixed item goes to that strategy (which must be
+    chosen and have KEY); an unprefixed one to every chosen strategy that has KEY, and it is an
+    error when none has it (the message lists each strategy's parameters)."""
     out: Dict[str, Dict[str, Any]] = {n: {} for n in strategy_names}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--param must look like [STRATEGY:]KEY=VALUE, got {item!r}")
-        key, _, val = item.partition("=")
-        target, _, key = key.rpartition(":")
-        if not key:
-            raise ValueError(f"--param must look like [STRATEGY:]KEY=VALUE, got {item!r}")
-        if target and target not in out:
-            raise ValueError(f"--param {item!r} names strategy {target!r}, which is not among --strategy {list(out)}")
-        for n in ([target] if target else out):
-            out[n][key] = _parse_value(val)
+    accepted = {n: strategy_parameters(n) for n in out}
+
+    def has(n, key):
+        return accepted[n] is None or key in accepted[n]
+
+    def listing(ns):
+        return "; ".join(f"{n}: {', '.join(accepted[n]) if accepted[n] else '(none)'}" for n in ns)
+
+    for item in items or []:
+        target, key, val = split_key_value(item, option)
+        if target:
+            if target not in out:
+                raise ValueError(f"{option} {item!r} names strategy {target!r}, which is not among the chosen "
+                                 f"strategies {list(out)}")
+            if not has(target, key):
+                raise ValueError(f"{option} {item!r}: strategy {target!r} has no parameter {key}; "
+                                 f"parameters of {listing([target])}")
+            out[target][key] = val
+            continue
+        takers = [n for n in out if has(n, key)]
+        if not takers:
+            raise ValueError(f"{option} {item!r}: no parameter {key} in the chosen strategies; parameters of "
+                             f"{listing(out)}")
+        for n in takers:
+            out[n][key] = val
     return out
 
 
@@ -335,10 +406,10 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
     names, inline = [], []
     for e in entries:  # NAME or NAME:KEY=VALUE,KEY=VALUE
-        n, _, rest = e.partition(":")
+        n, own = parse_strategy_spec(e)
         names.append(n)
-        inline.append(_parse_params([f"{kv}" for kv in rest.split(",") if kv], [n])[n] if rest else {})
-    params = _parse_params(args.param or [], list(dict.fromkeys(names)))
+        inline.append(own)
+    params = parse_params(args.param or [], list(dict.fromkeys(names)))
     summaries = []
     for n, own in zip(names, inline):
         kw = {**params[n], **own}
@@ -394,17 +465,35 @@ def add_analyze_command(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+# What a command line reports as "error: <one line>" with exit status 2 instead of a traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, OSError, RuntimeError, ZeroDivisionError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (a KeyError's key without the quotes repr adds)."""
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    text = " ".join(str(msg).split())
+    return text or type(exc).__name__
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``prog: error: ...``, exit status 2)."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m speed_kernels.analysis``: the analyze command alone."""
-    parser = argparse.ArgumentParser(prog="speed-kernels")
+    parser = OneLineParser(prog="speed-kernels")
     sub = parser.add_subparsers(dest="command")
     sub.required = True
     add_analyze_command(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, TypeError) as exc:
-        print(f"speed-kernels analyze: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        print(f"speed-kernels analyze: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

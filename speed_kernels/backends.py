@@ -134,6 +134,12 @@ def select(name: str, device: torch.device):
     return b
 
 
+def numerics_env() -> dict[str, str]:
+    """Every SPEED_* environment variable that is set ({name: value}): the knobs that may change
+    numerics, recorded in run.json / summary.json / results files."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPEED_")}
+
+
 class _CallableModule(type(os)):
     """`speed_kernels.backends()` must keep working after this submodule is imported: the import
     system then binds the package attribute `backends` to the module, so the module answers calls."""

@@ -82,6 +82,13 @@ def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None 
     return v
 
 
+def _whole(name: str, value: Any, *, lo: int) -> int:
+    v = _number(name, value, lo=float(lo))
+    if v != int(v):
+        raise ValueError(f"{name} must be a whole number >= {lo}, got {value!r}")
+    return int(v)
+
+
 def _table(arr: np.ndarray, what: str, name: str) -> torch.Tensor:
     arr = np.asarray(arr, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
@@ -455,7 +462,8 @@ class CLTS(Strategy):
         self.params = {
             "mu": None if mu is None else _number("mu", mu),
             "sigma": None if sigma is None else _number("sigma", sigma, lo=0.0, lo_open=True),
-            "ramp_steps": int(_number("ramp_steps", ramp_steps, lo=0.0, lo_open=True)),
+            # a whole number of steps >= 1 (0.5 would truncate to 0 and divide by zero in lam)
+            "ramp_steps": _whole("ramp_steps", ramp_steps, lo=1),
         }
 
     def lam(self, step: int) -> float:

@@ -4,7 +4,8 @@
     summary = Trainer(TrainConfig(data="digits", strategy="speed", steps=2000)).run()
 
 Modules: models (DiT, U-Net, build_model), data (datasets, seeded resumable order),
-sampling (DDPM / DDIM, save_grid), trainer (TrainConfig, Trainer), cli (train / sample).
+sampling (DDPM / DDIM, save_grid), trainer (TrainConfig, Trainer), checkpoint (atomic rotating
+checkpoints), cli (the `speed-kernels` command: analyze, train, sample, compare).
 Imports are lazy so that `speed-kernels --help` stays fast.
 """
 __version__ = "0.1.0"

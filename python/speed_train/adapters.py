@@ -20,6 +20,9 @@ the strategy tables are the same as in the project's own trainer. ``docs/adapter
 as diffs. Sampling stays with the original code (DiT's ``create_diffusion(str(steps))``, diffusers'
 schedulers): the strategies change training only.
 
+Distributed training: ``rank=None`` (the default) takes the rank from ``torch.distributed`` when a
+process group is initialised (else 0), so every DDP rank draws its own t and eps from the same seed.
+
 Step accounting: the strategy's training step (CLTS's curriculum follows it) advances once per
 ``sample_timesteps`` call; ``training_losses`` / ``add_noise`` / ``loss`` never move it.
 """
@@ -35,6 +38,18 @@ from speed_kernels import strategies as _strategies
 from speed_kernels.tables import ROW_WEIGHT
 
 __all__ = ["SpeeDDiffusion", "create_speed_diffusion", "DiffusersLoss", "DIFFUSERS_PREDICTION_TYPES"]
+
+
+def _resolve_rank(rank: int | None) -> int:
+    """rank None: this process's torch.distributed rank when a process group is initialised, else
+    0, so DDP ranks draw different t and eps without the caller passing anything."""
+    if rank is None:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ValueError(f"rank must be a non-negative int or None, got {rank!r}")
+    return rank
 
 
 def _resolve_strategy(strategy: Any, strategy_params: Mapping | None) -> Any:
@@ -82,7 +97,7 @@ class SpeeDDiffusion:
         strategy_params: Mapping | None = None,
         backend: str = "auto",
         seed: int | None = 0,
-        rank: int = 0,
+        rank: int | None = None,
     ):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a speed_kernels.NoiseSchedule, got {type(schedule).__name__}")
@@ -95,7 +110,7 @@ class SpeeDDiffusion:
             learn_sigma=self.learn_sigma,
             backend=backend,
             seed=seed,
-            rank=rank,
+            rank=_resolve_rank(rank),
         )
         # DiT's GaussianDiffusion exposes these as float64 numpy arrays
         self.num_timesteps = int(schedule.T)
@@ -156,7 +171,7 @@ def create_speed_diffusion(
     strategy_params: Mapping | None = None,
     backend: str = "auto",
     seed: int | None = 0,
-    rank: int = 0,
+    rank: int | None = None,
 ) -> SpeeDDiffusion:
     """The training diffusion of DiT's ``create_diffusion`` (same arguments and defaults), with a strategy.
 
@@ -237,7 +252,7 @@ class DiffusersLoss:
         strategy_params: Mapping | None = None,
         backend: str = "auto",
         seed: int | None = 0,
-        rank: int = 0,
+        rank: int | None = None,
     ):
         if prediction_type is None:
             prediction_type = _config_get(noise_scheduler, "prediction_type", "epsilon")
@@ -254,7 +269,7 @@ class DiffusersLoss:
             learn_sigma=False,
             backend=backend,
             seed=seed,
-            rank=rank,
+            rank=_resolve_rank(rank),
         )
 
     @property

@@ -1,40 +1,30 @@
-"""`speed-kernels train` and `speed-kernels sample` (and `compare`, when speed_train.compare exists).
+"""The `speed-kernels` command: `analyze` (speed_kernels.analysis), `train`, `sample` and
+`compare` (speed_train). It lives here, in the application package, because it drives both; the
+library speed_kernels never imports speed_train.
 
     speed-kernels train                                   # digits, unet-tiny, SpeeD, a few CPU minutes
     speed-kernels train --data fashion-mnist --model unet-small --strategy uniform --steps 20000
-    speed-kernels train --strategy speed --param k=5 --param lam=0.6 --resume
-    torchrun --nproc_per_node 2 -m speed_kernels.cli train --device cuda
+    speed-kernels train --strategy speed --param k=5 --param lam=0.6     # or --strategy speed:k=5,lam=0.6
+    speed-kernels train --out runs/x --resume                           # continue exactly (or refuse)
+    speed-kernels train --out runs/x --resume --steps 4000 --override lr --lr 5e-4
+    torchrun --nproc_per_node 2 -m speed_train.cli train --device cuda
     speed-kernels sample --ckpt runs/digits-unet-tiny-speed/ckpt.pt --n 64 --sampler ddim --steps 50 --out grid.png
+
+A user error (bad flag value, missing file, refused resume, a failed checkpoint write, a
+non-finite loss) prints one line and exits with status 2; set SPEED_KERNELS_TRACEBACK=1 to see
+the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
-__all__ = ["add_commands", "parse_params", "config_from_args"]
+from speed_kernels.analysis import (USER_ERRORS, OneLineParser, add_analyze_command, one_line, parse_params,
+                                    parse_strategy_spec)
 
-
-def parse_params(items) -> dict:
-    """['k=5', 'lam=0.6', 'mirror=false'] -> {'k': 5, 'lam': 0.6, 'mirror': False}."""
-    out = {}
-    for item in items or []:
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--param expects key=value, got {item!r}")
-        low = val.lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-            continue
-        for conv in (int, float):
-            try:
-                out[key] = conv(val)
-                break
-            except ValueError:
-                pass
-        else:
-            out[key] = val
-    return out
+__all__ = ["add_commands", "build_parser", "config_from_args", "main"]
 
 
 def _train_parser(p: argparse.ArgumentParser):
@@ -50,11 +40,13 @@ def _train_parser(p: argparse.ArgumentParser):
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="horizontal flips (default: on for images, off for digits and arrays)")
     g = p.add_argument_group("diffusion and loss")
-    g.add_argument("--strategy", help=f"time-step strategy (default {d.strategy})")
-    g.add_argument("--param", action="append", metavar="K=V", help="strategy parameter, repeatable (e.g. k=5)")
+    g.add_argument("--strategy", help=f"time-step strategy, NAME or NAME:KEY=VALUE,... (default {d.strategy})")
+    g.add_argument("--param", action="append", metavar="[STRATEGY:]KEY=VALUE",
+                   help="strategy parameter, repeatable (e.g. k=5); checked against the strategy's signature")
     g.add_argument("--prediction", choices=["eps", "v", "x0"])
     g.add_argument("--learn-sigma", action="store_true", help="2C outputs and DiT's hybrid loss")
     g.add_argument("--schedule", help=f"noise schedule (default {d.schedule})")
+    g.add_argument("--T", type=int, help=f"diffusion steps (default {d.T})")
     g.add_argument("--backend", help="loss backend: auto | triton | cuda | cpp | torch")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
@@ -73,7 +65,15 @@ def _train_parser(p: argparse.ArgumentParser):
     g.add_argument("--out", help="run folder (default runs/<name>)")
     g.add_argument("--name", help="run name (default <data>-<model>-<strategy>)")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                   help="continue from <out>/ckpt.pt (or CKPT) exactly")
+                   help="continue exactly from the newest readable checkpoint in --out (or the file CKPT); "
+                        "the checkpoint's settings hold, a differing flag is an error unless --override'd")
+    g.add_argument("--override", dest="overrides", action="append", metavar="KEY",
+                   help="on --resume, let setting KEY (e.g. lr, grad_clip, ema) take this command line's value; "
+                        "repeatable; recorded in run.json")
+    g.add_argument("--keep-ckpts", type=int, help=f"checkpoints kept (default {d.keep_ckpts})")
+    g.add_argument("--skip-nonfinite", type=int, metavar="N",
+                   help="skip up to N steps with a non-finite loss or gradient (default 0: stop at the first; "
+                        "counted in metrics.jsonl)")
     g.add_argument("--log-every", type=int, help=f"metrics.jsonl interval (default {d.log_every})")
     g.add_argument("--sample-every", type=int, help="sample grid interval (default: at the end only)")
     g.add_argument("--ckpt-every", type=int, help=f"checkpoint interval (default {d.ckpt_every}; always at the end)")
@@ -86,27 +86,37 @@ def _train_parser(p: argparse.ArgumentParser):
 
 
 def config_from_args(args):
+    """(TrainConfig, the names of the settings this command line chose): the Trainer gives
+    every other setting the checkpoint's value on --resume."""
     from .trainer import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if args.param:
-        kw["strategy_params"] = parse_params(args.param)
     if args.uncond:
         kw["class_cond"] = False
     if not args.learn_sigma:
         kw.pop("learn_sigma", None)
-    if kw.get("grad_clip") == 0:
-        kw["grad_clip"] = None
-    return TrainConfig(**kw)
+    name, inline = parse_strategy_spec(args.strategy) if args.strategy else (TrainConfig.strategy, {})
+    if args.strategy:
+        kw["strategy"] = name
+    params = {**parse_params(args.param or [], [name])[name], **inline}
+    if params:
+        kw["strategy_params"] = params
+    chosen = set(kw)
+    return TrainConfig(**kw), chosen
 
 
 def cmd_train(args) -> int:
     from .trainer import Trainer
 
-    cfg = config_from_args(args)
-    trainer = Trainer(cfg)
+    cfg, chosen = config_from_args(args)
+    trainer = Trainer(cfg, explicit=chosen)
     try:
+        if trainer.is_main:
+            b = trainer.backend_info
+            print(f"loss backend: {b['resolved']} ({b['reason']})", flush=True)
+            if trainer.resumed_from is not None:
+                print(f"resuming from {trainer.resume_file} (step {trainer.resumed_from})", flush=True)
         s = trainer.run()
     finally:
         trainer.close()
@@ -119,7 +129,8 @@ def cmd_train(args) -> int:
 
 
 def _sample_parser(p: argparse.ArgumentParser):
-    p.add_argument("--ckpt", required=True, help="a checkpoint written by `speed-kernels train`")
+    p.add_argument("--ckpt", required=True, help="a checkpoint written by `speed-kernels train`, or its run folder "
+                   "(the newest readable checkpoint)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
     p.add_argument("--steps", type=int, default=50, help="respaced sampler steps (default 50)")
@@ -173,25 +184,36 @@ def cmd_sample(args) -> int:
 
 
 def add_commands(subparsers) -> None:
+    """Register train, sample and compare on a subparsers object."""
+    from .compare import add_compare_command
+
     p = subparsers.add_parser("train", help="train a DiT / U-Net denoiser with a time-step strategy",
                               description="Train a diffusion model with SpeeD (or another strategy) on the fused loss.")
     _train_parser(p)
     p = subparsers.add_parser("sample", help="draw a sample grid from a training checkpoint")
     _sample_parser(p)
+    add_compare_command(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="speed-kernels",
+                           description="SpeeD time-step sampling and weighting for diffusion training.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_analyze_command(sub)
+    add_commands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """The `speed-kernels` console entry point (also `python -m speed_train.cli`)."""
+    args = build_parser().parse_args(argv)
     try:
-        from speed_train.compare import add_compare_command
-    except ModuleNotFoundError as exc:  # compare.py not written yet; anything else is a real error
-        if exc.name != "speed_train.compare":
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get("SPEED_KERNELS_TRACEBACK") == "1":
             raise
-    else:
-        add_compare_command(subparsers)
-
-
-def main(argv=None) -> int:  # `python -m speed_train.cli` without the top-level dispatcher
-    parser = argparse.ArgumentParser(prog="speed-train")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+        print(f"speed-kernels {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

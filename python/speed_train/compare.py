@@ -66,26 +66,16 @@ METRIC_NAMES = {"fd": "classifier Frechet distance", "mmd2": "pixel MMD^2", "swd
 # ---------------------------------------------------------------------------------- parsing
 
 
-def _convert(val: str) -> Any:
-    low = val.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for conv in (int, float):
-        try:
-            return conv(val)
-        except ValueError:
-            pass
-    return val
-
-
-def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, dict]]:
+def parse_strategies(spec: str | Sequence[str], params: Sequence[str] | None = None) -> list[tuple[str, str, dict]]:
     """``"uniform,speed:k=5,lam=0.6,speed+p2"`` -> [(label, name, params), ...].
 
-    Each strategy is checked against ``speed_kernels.strategies`` (unknown name or parameter ->
+    The grammar of ``analyze --strategy`` (NAME:KEY=VALUE,...) in one comma-separated list: a
+    KEY=VALUE token after a strategy belongs to it. ``params`` are ``--param [STRATEGY:]KEY=VALUE``
+    items, routed by speed_kernels.analysis.parse_params (to the strategies that have KEY). Each
+    strategy is checked against ``speed_kernels.strategies`` (unknown name or parameter ->
     ValueError naming the known ones). Labels are unique."""
     from speed_kernels import strategies
+    from speed_kernels.analysis import parse_params, parse_strategy_spec, split_key_value
 
     tokens = spec.split(",") if isinstance(spec, str) else [t for s in spec for t in str(s).split(",")]
     entries: list[list] = []
@@ -93,32 +83,27 @@ def parse_strategies(spec: str | Sequence[str]) -> list[tuple[str, str, dict]]:
         tok = raw.strip()
         if not tok:
             continue
-        if ":" in tok:
-            name, _, first = tok.partition(":")
-            entries.append([name.strip(), {}])
-            rest = [first] if first.strip() else []
-        elif "=" in tok:
-            if not entries:
-                raise ValueError(f"strategy parameter {tok!r} comes before any strategy name")
-            rest = [tok]
-        else:
-            entries.append([tok, {}])
-            rest = []
-        for kv in rest:
-            key, sep, val = kv.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"strategy parameter must be key=value, got {kv!r}")
-            entries[-1][1][key.strip()] = _convert(val.strip())
+        if ":" in tok or "=" not in tok:
+            entries.append(list(parse_strategy_spec(tok)))
+            continue
+        if not entries:
+            raise ValueError(f"strategy parameter {tok!r} comes before any strategy name")
+        target, key, val = split_key_value(tok, option="strategy parameter")
+        if target:
+            raise ValueError(f"strategy parameter must be key=value, got {tok!r}")
+        entries[-1][1][key] = val
     if not entries:
         raise ValueError("--strategies is empty")
+    routed = parse_params(params or [], list(dict.fromkeys(name for name, _ in entries)))
     out, seen = [], set()
-    for name, params in entries:
-        strategies.get(name, **params)  # validates name and parameters now, before any training
-        label = name + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
+    for name, own in entries:
+        p = {**routed[name], **own}
+        strategies.get(name, **p)  # validates name and parameters now, before any training
+        label = name + (":" + ",".join(f"{k}={v}" for k, v in p.items()) if p else "")
         if label in seen:
             raise ValueError(f"strategy {label!r} is listed twice")
         seen.add(label)
-        out.append((label, name, params))
+        out.append((label, name, p))
     return out
 
 
@@ -185,6 +170,7 @@ def speedup(uniform_curve: tuple[Sequence, Sequence], curve: tuple[Sequence, Seq
 
 def _provenance(command: str | None, device: str) -> dict:
     import torch
+    from speed_kernels.backends import numerics_env
 
     try:
         import speed_kernels
@@ -221,6 +207,7 @@ def _provenance(command: str | None, device: str) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "speed_kernels": skv, "speed_train": stv},
         "git_commit": commit,
+        "numerics_env": numerics_env(),  # SPEED_* knobs that may change numerics
     }
 
 
@@ -238,6 +225,7 @@ def _resolve_device(device: str) -> str:
 def run_compare(
     strategies: str | Sequence[str] = DEFAULT_STRATEGIES,
     *,
+    params: Sequence[str] | None = None,
     data: str = "digits",
     model: str = "auto",
     steps: int = 1000,
@@ -269,14 +257,16 @@ def run_compare(
     ``reuse=True``: a (strategy, seed) run whose folder under ``out/runs`` holds a record made with
     identical settings (training config, evaluation settings, evaluator floor) is read back instead
     of trained again, so seeds or strategies can be added to an earlier comparison.
-    ``keep_checkpoints=False`` deletes each run's final ckpt.pt once its curve is recorded."""
+    ``keep_checkpoints=False`` deletes each run's checkpoints once its curve is recorded.
+    ``params``: ``[STRATEGY:]KEY=VALUE`` items (``--param``) for the strategies that have KEY."""
     import torch
 
     from .metrics import Evaluator
+    from .checkpoint import remove_all as remove_checkpoints
     from .sampling import save_grid
     from .trainer import TrainConfig, Trainer
 
-    specs = parse_strategies(strategies)
+    specs = parse_strategies(strategies, params)
     seed_list = _parse_seeds(seeds)
     for name, v, lo in (("steps", steps, 1), ("eval_every", eval_every, 1), ("eval_samples", eval_samples, 2),
                         ("sample_steps", sample_steps, 1), ("batch_size", batch_size, 1)):
@@ -354,8 +344,8 @@ def run_compare(
                 summary = trainer.run(eval_fn=eval_fn, eval_every=eval_every)
             finally:
                 trainer.close()
-            if not keep_checkpoints and trainer.ckpt_path.exists():
-                trainer.ckpt_path.unlink()  # the model/optimizer state is large; the curves are what we keep
+            if not keep_checkpoints:
+                remove_checkpoints(run_dir)  # the model/optimizer state is large; the curves are what we keep
             runs[label][seed] = {
                 "evals": evals,
                 "final_loss": summary["final_loss"],
@@ -488,6 +478,7 @@ def _write_results(out: Path, result: dict) -> dict:
         f"- produced by: `{meta['command']}` ({meta['produced_by']})",
         f"- date: {meta['date']}; machine: {meta['machine']}; device: {meta['device']}",
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f"; git {meta['git_commit']}",
+        f"- SPEED_* environment: {json.dumps(meta.get('numerics_env') or {})}",
         f"- training: {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, {cfg['schedule']} schedule, "
         f"{cfg['prediction']}-prediction{', learned sigma' if cfg['learn_sigma'] else ''}, seeds {cfg['seeds']}",
         f"- score: {what}; evaluated every {cfg['eval_every']} steps",
@@ -509,7 +500,7 @@ def _write_results(out: Path, result: dict) -> dict:
     with open(p, "w", newline="") as f:
         f.write(f"# produced by: {meta['command']}\n# date: {meta['date']}; machine: {meta['machine']}; "
                 f"device: {meta['device']}\n# versions: {json.dumps(meta['versions'])}; git {meta['git_commit']}\n"
-                f"# score: {what}\n")
+                f"# SPEED_* environment: {json.dumps(meta.get('numerics_env') or {})}\n# score: {what}\n")
         keys = ["strategy", "final", "final_std", "best", "steps_to_target", "speedup", "speedup_bound",
                 "target", "uniform_steps"] + [f"final_{m}" for m in ev["floor"] if m != "n"] + ["final_loss", "steps_per_s"]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -578,6 +569,8 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated strategies (see below)")
+    p.add_argument("--param", action="append", metavar="[STRATEGY:]KEY=VALUE",
+                   help="strategy parameter for the strategies that have KEY (or the one named), repeatable")
     p.add_argument("--data", default="digits", help="digits | fashion-mnist | a folder | a .npy/.npz")
     p.add_argument("--model", default="auto", help="model name (auto: unet-tiny on digits)")
     p.add_argument("--steps", type=int, default=1000, help="training steps per run")
@@ -602,7 +595,7 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="read back runs already in --out made with identical settings (add seeds or strategies)")
     p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each run's final ckpt.pt (default: delete it; metrics, samples and logs stay)")
+                   help="keep each run's checkpoints (default: delete them; metrics, samples and logs stay)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
     return p
@@ -610,7 +603,7 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
 
 def cmd_compare(args) -> int:
     run_compare(
-        args.strategies, data=args.data, model=args.model, steps=args.steps, eval_every=args.eval_every,
+        args.strategies, params=args.param, data=args.data, model=args.model, steps=args.steps, eval_every=args.eval_every,
         seeds=args.seeds, out=args.out, eval_samples=args.eval_samples, sample_steps=args.sample_steps,
         sampler=args.sampler, metric=args.metric, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
         prediction=args.prediction, learn_sigma=args.learn_sigma, backend=args.backend, device=args.device,

@@ -16,10 +16,19 @@ DiT-XL/2 setup of lr 1e-4, EMA 0.9999, 400K steps):
 Exactness of ``resume``: the checkpoint holds the model, EMA, optimizer, every rank's
 DiffusionLoss state (Philox counter + strategy state), data order (epoch, index), torch
 and numpy RNG states and the partial log accumulators, so N straight steps and N/2 +
-resume to N log identical per-step losses (tests/train/test_trainer.py checks it).
+resume to N log identical per-step losses and end with identical weights, also after a
+SIGKILL at any moment (tests/train/test_checkpoint_faults.py). Resume is exact or refused:
+the checkpoint's config is the truth, a differing setting is an error unless listed in
+``overrides`` (run-control settings such as ``steps`` or ``log_every`` may always change), and
+another world size is refused. Checkpoints: speed_train.checkpoint (atomic, last N kept,
+weights-only loadable, an unreadable newest one falls back to the previous).
 
-Per-step work has no host sync: the loss and gradient norm are summed on the device and
-read (``.item()``) only at log steps.
+Per-step work has no host sync on CUDA: the loss and gradient norm are summed on the device and
+read (``.item()``) only at side steps (log, checkpoint, sample, eval, end); a device-side flag
+records the first step with a non-finite loss or gradient norm, checked at every side step
+before anything is written, so a poisoned state is never checkpointed. On CPU (where a
+``.item()`` costs nothing: there is no asynchronous queue to drain) and with
+``skip_nonfinite > 0`` (which must decide before the optimizer step) it is checked every step.
 """
 from __future__ import annotations
 
@@ -40,11 +49,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import checkpoint as ckpt_io
 from .data import DataOrder, load_dataset
 from .models import build_model, count_params
 from .sampling import sample as _sample, save_grid
 
-__all__ = ["TrainConfig", "Trainer", "load_checkpoint_model", "make_schedule"]
+__all__ = ["TrainConfig", "Trainer", "NonFiniteError", "load_checkpoint_model", "make_schedule", "validate_config"]
 
 @dataclass
 class TrainConfig:
@@ -86,7 +96,10 @@ class TrainConfig:
     sampler: str = "ddpm"               # ddpm | ddim
     sample_steps: int = 100
     guidance: float = 1.0
-    resume: bool | str = False          # True: <out>/ckpt.pt; or a checkpoint path
+    keep_ckpts: int = 2                 # checkpoints kept (ckpt-<step>.pt; ckpt.pt links the newest)
+    resume: bool | str = False          # True: the newest readable checkpoint in <out>; or a checkpoint file
+    overrides: list = field(default_factory=list)  # settings allowed to differ from the checkpoint on resume
+    skip_nonfinite: int = 0             # skip up to N steps with a non-finite loss / grad norm (0: stop)
     progress: bool = True
 
     def resolved(self, data_name: str, pixel_space: bool) -> "TrainConfig":
@@ -97,11 +110,110 @@ class TrainConfig:
             c.lr = 1e-3 if data_name == "digits" else 1e-4
         if c.ema is None:
             c.ema = min(0.9999, max(0.0, 1.0 - 10.0 / max(c.steps, 1)))
+        if not c.grad_clip:  # 0 and None both mean off; one spelling in run.json and checkpoints
+            c.grad_clip = None
         if c.name is None:
             c.name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{data_name}-{c.model}-{c.strategy}").strip("-")
         if c.out is None:
             c.out = os.path.join("runs", c.name)
         return c
+
+
+# ---------------------------------------------------------------------------------- validation
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Every numeric and choice setting checked before any work; ValueError naming the setting
+    (in CLI spelling, e.g. --grad-clip) and the bad value."""
+    def fail(name, want, got):
+        raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {got!r}")
+
+    def integer(name, lo, optional=False):
+        v = getattr(cfg, name)
+        if optional and v is None:
+            return
+        if not _is_int(v) or v < lo:
+            fail(name, f"an integer >= {lo}" + (" (or unset)" if optional else ""), v)
+
+    def number(name, lo=None, lo_open=False, hi=None, hi_open=False, optional=False):
+        v = getattr(cfg, name)
+        if optional and v is None:
+            return
+        ok = _is_num(v) and math.isfinite(v)
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if not ok:
+            lo_s = "" if lo is None else ("> " if lo_open else ">= ") + f"{lo:g}"
+            hi_s = "" if hi is None else ("< " if hi_open else "<= ") + f"{hi:g}"
+            rng = " and ".join(x for x in (lo_s, hi_s) if x)
+            fail(name, "a finite number" + (f" {rng}" if rng else "") + (" (or unset)" if optional else ""), v)
+
+    integer("steps", 1)
+    integer("batch_size", 1)
+    integer("T", 2)
+    integer("warmup_steps", 0)
+    integer("log_every", 0)
+    integer("sample_every", 0)
+    integer("ckpt_every", 0)
+    integer("sample_n", 0)
+    integer("sample_steps", 1)
+    integer("keep_ckpts", 1)
+    integer("skip_nonfinite", 0)
+    integer("seed", 0)
+    integer("image_size", 1, optional=True)
+    integer("threads", 1, optional=True)
+    number("lr", lo=0.0, lo_open=True, optional=True)
+    number("weight_decay", lo=0.0)
+    number("ema", lo=0.0, hi=1.0, hi_open=True, optional=True)
+    number("class_dropout", lo=0.0, hi=1.0, hi_open=True)
+    number("guidance", lo=0.0)
+    if cfg.grad_clip is not None and not (_is_num(cfg.grad_clip) and math.isfinite(cfg.grad_clip)
+                                          and cfg.grad_clip >= 0):
+        fail("grad_clip", "a finite number > 0 (0 or unset: no clipping)", cfg.grad_clip)
+    for name in ("class_cond", "learn_sigma", "bf16", "compile", "progress"):
+        if not isinstance(getattr(cfg, name), bool):
+            fail(name, "True or False", getattr(cfg, name))
+    if cfg.flip is not None and not isinstance(cfg.flip, bool):
+        fail("flip", "True, False or unset", cfg.flip)
+    if cfg.prediction not in ("eps", "v", "x0"):
+        fail("prediction", "one of eps, v, x0", cfg.prediction)
+    if cfg.sampler not in ("ddpm", "ddim"):
+        fail("sampler", "ddpm or ddim", cfg.sampler)
+    if not isinstance(cfg.strategy_params, dict):
+        raise TypeError(f"strategy_params must be a dict, got {type(cfg.strategy_params).__name__}")
+    if not isinstance(cfg.overrides, (list, tuple)) or not all(isinstance(k, str) for k in cfg.overrides):
+        raise TypeError(f"overrides must be a list of setting names, got {cfg.overrides!r}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in cfg.overrides:
+        if key not in known:
+            raise ValueError(f"--override {key}: no such setting; settings: {', '.join(sorted(known))}")
+        if key not in OVERRIDABLE and key not in FREE_ON_RESUME:
+            raise ValueError(f"--override {key}: the checkpoint's model or state depends on {key}, so it cannot "
+                             f"change on resume; overridable: {', '.join(sorted(OVERRIDABLE))}")
+
+
+# Settings that never change what is trained (may differ on resume without --override) ...
+FREE_ON_RESUME = frozenset({"steps", "out", "name", "resume", "progress", "log_every", "sample_every",
+                            "ckpt_every", "sample_n", "sampler", "sample_steps", "guidance", "threads",
+                            "keep_ckpts", "skip_nonfinite", "overrides"})
+# ... and those that change the continuation but not the saved state's meaning (--override KEY).
+OVERRIDABLE = frozenset({"lr", "weight_decay", "warmup_steps", "ema", "grad_clip", "backend", "device", "bf16",
+                         "compile", "class_dropout"})
+# None means "auto / not given" for these: on resume they take the checkpoint's value.
+_AUTO_NONE = frozenset({"lr", "ema", "image_size", "flip", "name", "out", "threads"})
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped at a step whose loss or gradient norm is not finite."""
 
 
 def make_schedule(name: str, T: int):
@@ -143,6 +255,22 @@ def _cpu(obj):
     return obj
 
 
+def _differs(a, b) -> bool:
+    # JSON-ish comparison: a tuple in the config equals the list it was saved as
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) != list(b)
+    return a != b
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _git_commit() -> str | None:
     try:
         here = Path(__file__).resolve().parent
@@ -166,13 +294,25 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
 
 class Trainer:
     """``Trainer(cfg).run()`` trains and returns a summary dict. Under torchrun (WORLD_SIZE > 1)
-    it joins the process group itself (gloo on CPU, NCCL on CUDA)."""
+    it joins the process group itself (gloo on CPU, NCCL on CUDA).
 
-    def __init__(self, cfg: TrainConfig):
+    ``explicit``: on resume, the names of the settings the caller chose (the CLI passes the
+    flags given on its command line); the others take the checkpoint's values. None (the
+    Python API): every setting counts as chosen except those left None (auto)."""
+
+    def __init__(self, cfg: TrainConfig, explicit=None):
+        validate_config(cfg)  # before any work
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self._own_pg = False
+        try:
+            self._setup(cfg, explicit)
+        except BaseException:
+            self.close()  # a refused resume or bad setting must not leave a process group behind
+            raise
+
+    def _setup(self, cfg: TrainConfig, explicit):
         self.device = _pick_device(cfg.device, self.local_rank)
         # several ranks on one CPU: one thread each, or OpenMP threads fight over the cores
         threads = cfg.threads or (1 if self.world_size > 1 and self.device.type == "cpu" else None)
@@ -185,14 +325,29 @@ class Trainer:
             self._own_pg = True
         self.is_main = self.rank == 0
 
-        # data first: it decides the model's channels, size and classes
+        # data first: it decides the model's channels, size and classes (and the default run folder)
         self.data = load_dataset(cfg.data, cfg.image_size, cfg.flip)
-        self.cfg = cfg = cfg.resolved(self.data.name, self.data.pixel_space)
-        if cfg.batch_size % self.world_size:
-            raise ValueError(f"batch size {cfg.batch_size} is not divisible by {self.world_size} ranks")
-        if cfg.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be ddpm or ddim, got {cfg.sampler!r}")
+        raw = cfg
+        cfg = cfg.resolved(self.data.name, self.data.pixel_space)
         self.out = Path(cfg.out)
+        self.ckpt_path = self.out / ckpt_io.LATEST
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.resumed_from: int | None = None
+        self.resume_file: Path | None = None
+        self.override_diffs: dict = {}
+        state = None
+        if cfg.resume:
+            state, self.resume_file = self._read_resume_checkpoint(cfg)
+            cfg = self._config_for_resume(raw, cfg, state, explicit)
+            if (cfg.data, cfg.image_size, cfg.flip) != (raw.data, raw.image_size, raw.flip):
+                self.data = load_dataset(cfg.data, cfg.image_size, cfg.flip)  # the checkpoint's data
+            if cfg.device != raw.device:  # the checkpoint's device (e.g. cpu on a machine with a GPU)
+                self.device = _pick_device(cfg.device, self.local_rank)
+            if cfg.threads and cfg.threads != raw.threads:
+                torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {self.world_size} ranks")
         C, H, _ = self.data.shape
         self.num_classes = self.data.num_classes if (cfg.class_cond and self.data.labels is not None) else 0
 
@@ -202,6 +357,7 @@ class Trainer:
         self.gather_losses = self.world_size > 1 and _learns_from_losses(self.loss_fn.strategy)
         if self.gather_losses:  # each rank updates the strategy from every rank's losses
             self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=False)
+        self.backend_info = self._describe_backend()
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model_args = dict(name=cfg.model, in_channels=C, image_size=H, num_classes=self.num_classes,
@@ -232,15 +388,78 @@ class Trainer:
         self._acc_loss = torch.zeros((), device=self.device)
         self._acc_gn = torch.zeros((), device=self.device)
         self._acc_n = 0
-        self.ckpt_path = self.out / "ckpt.pt"
-        self.metrics_path = self.out / "metrics.jsonl"
+        self.skipped = 0  # steps skipped for a non-finite loss / grad norm (skip_nonfinite)
+        # CPU: .item() is free (no asynchronous queue), so check every step and stop before the
+        # optimizer applies a NaN; skip_nonfinite must decide before the step too. CUDA: a
+        # device-side record of the first bad step, read at side steps (no per-step sync).
+        # A strategy that learns from the losses copies them to the host every step anyway (and
+        # must never learn from a NaN), so it is checked every step too.
+        self._check_every_step = (self.device.type != "cuda" or cfg.skip_nonfinite > 0
+                                  or _learns_from_losses(self.loss_fn.strategy))
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.last_good_ckpt: Path | None = None
         self.last_grid: str | None = None
-        self.resumed_from: int | None = None
-        if cfg.resume:
-            path = Path(cfg.resume) if isinstance(cfg.resume, str) else self.ckpt_path
-            if not path.exists():
-                raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-            self.load_checkpoint(path)
+        if state is not None:
+            self._apply_checkpoint(state, self.resume_file)
+            self.last_good_ckpt = self.resume_file
+
+    # ------------------------------------------------------------------ resume
+
+    def _say(self, msg: str):
+        if self.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _read_resume_checkpoint(self, cfg):
+        if isinstance(cfg.resume, str):  # one named file: no silent fallback to another
+            path = Path(cfg.resume)
+            return ckpt_io.load_file(path), path
+        state, path = ckpt_io.load_latest(self.out, log=self._say)
+        return state, path
+
+    def _config_for_resume(self, raw: TrainConfig, cfg: TrainConfig, state: dict, explicit) -> TrainConfig:
+        """The checkpoint's config with the run-control settings (and --override ones) of ``cfg``;
+        any other chosen setting that differs is an error listing every difference."""
+        where = self.resume_file
+        saved_ws = int(state.get("world_size", 1))
+        if saved_ws != self.world_size:
+            raise ValueError(
+                f"checkpoint {where} was written by {saved_ws} rank(s), this run has {self.world_size}: resuming on "
+                f"another world size is refused (each rank's t/eps stream and data position belong to its rank); "
+                f"resume with {saved_ws} rank(s), or start a new run")
+        names = [f.name for f in dataclasses.fields(TrainConfig)]
+        saved = state.get("config", {})
+        if explicit is None:
+            chosen = {k for k in names if not (k in _AUTO_NONE and getattr(raw, k) is None)}
+        else:
+            chosen = set(explicit) & set(names)
+        diffs = {}
+        merged = {}
+        for k in names:
+            mine = getattr(cfg, k)
+            if k not in saved:  # a setting newer than the checkpoint: its default
+                merged[k] = mine
+                continue
+            theirs = saved[k]
+            if k in FREE_ON_RESUME:
+                merged[k] = mine if k in chosen or k in ("resume", "out", "overrides") else theirs
+            elif k in chosen and _differs(theirs, mine):
+                if k in cfg.overrides:
+                    merged[k] = mine
+                    self.override_diffs[k] = {"checkpoint": theirs, "now": mine}
+                else:
+                    diffs[k] = (theirs, mine)
+                    merged[k] = theirs
+            else:
+                merged[k] = theirs
+        if diffs:
+            lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in
+                              ((k, *v) for k, v in sorted(diffs.items())))
+            raise ValueError(f"--resume from {where}: settings differ from the checkpoint's ({lines}); drop those "
+                             f"flags to continue exactly, or allow a change with --override KEY "
+                             f"(overridable: {', '.join(sorted(OVERRIDABLE))})")
+        out = TrainConfig(**merged)
+        validate_config(out)
+        return out
 
     # ------------------------------------------------------------------ one step
 
@@ -250,7 +469,9 @@ class Trainer:
         return self.cfg.lr
 
     def train_step(self, x0, y):
-        """One optimisation step; returns (loss, grad_norm) as device tensors (no sync)."""
+        """One optimisation step; returns (loss, grad_norm, applied) with loss and grad_norm as
+        device tensors. ``applied`` is False for a step skipped for a non-finite loss or gradient
+        (only with skip_nonfinite > 0). Raises NonFiniteError where the check runs every step."""
         cfg = self.cfg
         lr = self._lr_at(self.step)
         for g in self.opt.param_groups:
@@ -259,7 +480,14 @@ class Trainer:
         x_t, t = self.loss_fn.noise(x0)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             pred = self.fwd(x_t, t, **kw)
-        loss = self.loss_fn.loss(pred, x0, t)
+        try:
+            loss = self.loss_fn.loss(pred, x0, t)
+        except ValueError:
+            # a strategy refusing non-finite losses (importance): the model's output is the cause
+            if self._check_every_step and not bool(torch.isfinite(pred).all()):
+                nan = torch.full((), float("nan"), device=self.device)
+                return self._on_nonfinite(nan, nan)
+            raise
         if self.gather_losses:
             # the strategy learns from unweighted losses (what auto_update feeds it too)
             per = self.loss_fn.unweighted_losses(t).float()
@@ -274,9 +502,47 @@ class Trainer:
             gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         else:
             gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        loss, gn = loss.detach(), gn.detach()
+        bad = ~(torch.isfinite(loss) & torch.isfinite(gn))
+        if self._check_every_step:
+            if self.world_size > 1:  # a NaN on one rank: every rank skips or stops together
+                flag = bad.to(torch.int32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                bad = flag.bool()
+            if bool(bad):
+                return self._on_nonfinite(loss, gn)
+        else:
+            self._first_bad = torch.where(bad & (self._first_bad < 0), self.step + 1, self._first_bad)
         self.opt.step()
         self._update_ema()
-        return loss.detach(), gn.detach()
+        return loss, gn, True
+
+    def _on_nonfinite(self, loss, gn):
+        """Skip this step (within the skip_nonfinite budget) or stop."""
+        if self.skipped >= self.cfg.skip_nonfinite:
+            self._stop_nonfinite(self.step + 1, float(loss), float(gn))
+        self.skipped += 1
+        self.opt.zero_grad(set_to_none=True)
+        return loss, gn, False
+
+    def _stop_nonfinite(self, step: int, loss: float | None = None, gn: float | None = None):
+        what = "" if loss is None else f" (loss {loss}, grad norm {gn})"
+        skipped = f" after skipping {self.skipped} such step(s)" if self.skipped else ""
+        good = (f"the last good checkpoint is {self.last_good_ckpt}" if self.last_good_ckpt
+                else "no checkpoint was written")
+        raise NonFiniteError(f"non-finite loss or gradient norm at step {step}{what}{skipped}: training stopped; "
+                             f"{good}" + ("" if self.cfg.skip_nonfinite else " (--skip-nonfinite N skips up to N such "
+                                                                            "steps)"))
+
+    def _check_finite(self):
+        """The deferred (CUDA) check, at a side step, before anything is logged or saved."""
+        if not self._check_every_step:
+            first = self._first_bad.clone()
+            if self.world_size > 1:
+                dist.all_reduce(first, op=dist.ReduceOp.MAX)
+            first = int(first)
+            if first >= 0:
+                self._stop_nonfinite(first)
 
     @torch.no_grad()
     def _update_ema(self):
@@ -319,22 +585,24 @@ class Trainer:
             "loss_fn": _cpu(self.loss_fn.state_dict()),
             "data": self.order.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "acc": (self._acc_loss.cpu(), self._acc_gn.cpu(), self._acc_n),
+            "numpy_rng": ckpt_io.numpy_rng_to_state(),
+            "acc": [self._acc_loss.cpu(), self._acc_gn.cpu(), self._acc_n],
         }
         if self.device.type == "cuda":
             st["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return st
 
     def save_checkpoint(self, path: Path | None = None):
-        """Collective under torchrun (every rank's RNG/data state is gathered); rank 0 writes."""
-        path = Path(path or self.ckpt_path)
+        """Collective under torchrun (every rank's RNG/data state is gathered); rank 0 writes.
+        Without ``path``: the rotating ckpt-<step>.pt files of the run folder (last keep_ckpts kept,
+        ckpt.pt links the newest). A failed write fails every rank with the same message."""
         mine = self._rank_state()
         if self.world_size > 1:
             ranks = [None] * self.world_size
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
+        error = None
         if self.is_main:
             state = {
                 "format": "speed_train/1",
@@ -346,48 +614,82 @@ class Trainer:
                 "ema": self.ema.state_dict(),
                 "optimizer": self.opt.state_dict(),
                 "world_size": self.world_size,
+                "skipped_nonfinite": self.skipped,
                 "ranks": ranks,
             }
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint whole
+            target = Path(path) if path is not None else self.out / f"ckpt-{self.step:07d}.pt"
+            try:
+                if path is not None:
+                    ckpt_io.save_atomic(state, target)
+                else:
+                    target = ckpt_io.save_rotating(state, self.out, self.step, keep=self.cfg.keep_ckpts)
+            except Exception as exc:
+                error = (f"checkpoint save failed at step {self.step} ({target}): {type(exc).__name__}: {exc}; "
+                         f"the previous checkpoint ({self.last_good_ckpt or 'none'}) is untouched")
+        if self.world_size > 1:  # rank 0 tells every rank; nobody waits forever on a dead writer
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ckpt_io.CheckpointError(error)
+        if path is None:
+            self.last_good_ckpt = self.out / f"ckpt-{self.step:07d}.pt"
 
     def load_checkpoint(self, path: Path):
-        st = torch.load(path, map_location="cpu", weights_only=False)
+        """Restore a checkpoint into this trainer (same config and world size assumed; the
+        constructor's ``resume`` checks both)."""
+        self._apply_checkpoint(ckpt_io.load_file(path), Path(path))
+
+    def _apply_checkpoint(self, st: dict, path: Path):
         if st.get("model_args", {}).get("name") != self.model_args["name"]:
             raise ValueError(f"checkpoint {path} holds model {st.get('model_args', {}).get('name')!r}, "
                              f"not {self.model_args['name']!r}")
+        ranks = st["ranks"]
+        if len(ranks) != self.world_size:
+            raise ValueError(f"checkpoint {path} holds {len(ranks)} rank(s), this run has {self.world_size}")
         self.model.load_state_dict(st["model"])
         self.ema.load_state_dict(st["ema"])
         self.opt.load_state_dict(st["optimizer"])
-        ranks = st["ranks"]
-        if len(ranks) != self.world_size and self.is_main:
-            print(f"warning: checkpoint from {len(ranks)} ranks resumed on {self.world_size}: "
-                  f"the continuation is valid but not the same stream", file=sys.stderr)
-        mine = ranks[self.rank] if self.rank < len(ranks) else ranks[0]
+        for g in self.opt.param_groups:  # --override weight_decay; lr is set every step
+            g["weight_decay"] = self.cfg.weight_decay
+        mine = ranks[self.rank]
         self.loss_fn.load_state_dict(mine["loss_fn"])
         self.order.load_state_dict(mine["data"])
         torch.set_rng_state(mine["torch_rng"])
-        np.random.set_state(mine["numpy_rng"])
+        ckpt_io.numpy_rng_from_state(mine["numpy_rng"])
         if self.device.type == "cuda" and "cuda_rng" in mine:
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         self._acc_loss = mine["acc"][0].to(self.device)
         self._acc_gn = mine["acc"][1].to(self.device)
-        self._acc_n = mine["acc"][2]
+        self._acc_n = int(mine["acc"][2])
+        self.skipped = int(st.get("skipped_nonfinite", 0))
         self.step = int(st["step"])
         self.resumed_from = self.step
 
     # ------------------------------------------------------------------ logs
 
-    def _backend_name(self) -> str:
+    def _describe_backend(self) -> dict:
+        """Which loss backend runs and why, e.g. {"requested": "auto", "resolved": "cpp",
+        "reason": "auto on cpu"} or "auto on cpu: no kernel backend (cpp: <why>)"."""
+        requested = str(self.cfg.backend)
         try:
-            return f"{self.cfg.backend} -> {self.loss_fn.backend(self.device).name}"
-        except Exception:  # an older or foreign loss object
-            return str(self.cfg.backend)
+            resolved = self.loss_fn.backend(self.device).name
+        except Exception as exc:  # an older or foreign loss object
+            return {"requested": requested, "resolved": None, "reason": f"unknown ({exc})"}
+        if requested == "auto":
+            from speed_kernels.backends import auto_choice
+
+            _, reason = auto_choice(self.device)  # names the kernel backends it had to pass over
+        else:
+            reason = f"requested on {self.device.type}"
+        return {"requested": requested, "resolved": resolved, "reason": reason}
+
+    def _backend_name(self) -> str:
+        return f"{self.backend_info['requested']} -> {self.backend_info['resolved']}"
 
     def _write_run_json(self):
         import speed_train
+        from speed_kernels.backends import numerics_env
 
         try:
             import speed_kernels
@@ -404,6 +706,8 @@ class Trainer:
                      "num_classes": self.num_classes, "flip": self.data.flip},
             "loss": repr(self.loss_fn),
             "backend": self._backend_name(),
+            "backend_info": self.backend_info,
+            "numerics_env": numerics_env(),
             "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
                                           if self.device.type == "cuda" else f" ({os.cpu_count()} CPUs)"),
             "world_size": self.world_size,
@@ -411,13 +715,15 @@ class Trainer:
                          "speed_kernels": sk_version, "speed_train": getattr(speed_train, "__version__", None)},
             "git_commit": _git_commit(),
             "resumed_from_step": self.resumed_from,
+            "resumed_from_file": str(self.resume_file) if self.resume_file else None,
+            "overrides": self.override_diffs,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        with open(self.out / "run.json", "w") as f:
-            json.dump(info, f, indent=2, default=str)
+        _write_text_atomic(self.out / "run.json", json.dumps(info, indent=2, default=str))
 
     def _open_metrics(self):
-        # on resume keep the log up to the checkpoint's step (later lines belong to a lost future)
+        # on resume keep the log up to the checkpoint's step (later lines belong to a lost future;
+        # a line cut by a crash is dropped); rewritten atomically so a crash here loses nothing
         keep = []
         if self.resumed_from is not None and self.metrics_path.exists():
             for line in self.metrics_path.read_text().splitlines():
@@ -426,8 +732,7 @@ class Trainer:
                         keep.append(line)
                 except json.JSONDecodeError:
                     pass
-        with open(self.metrics_path, "w") as f:
-            f.write("".join(line + "\n" for line in keep))
+        _write_text_atomic(self.metrics_path, "".join(line + "\n" for line in keep))
         return open(self.metrics_path, "a", buffering=1)
 
     def _read_metrics(self) -> list[dict]:
@@ -436,7 +741,7 @@ class Trainer:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
     def plot_loss(self, path: Path | None = None) -> str | None:
-        rows = [r for r in self._read_metrics() if "loss" in r]
+        rows = [r for r in self._read_metrics() if r.get("loss") is not None]
         if not rows:
             return None
         import matplotlib
@@ -475,6 +780,10 @@ class Trainer:
 
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self.resumed_from is None and ckpt_io.checkpoint_files(self.out):
+                # a fresh run replaces an earlier run's checkpoints: none may serve as its fallback
+                self._say(f"note: removing the checkpoints of an earlier run in {self.out}")
+                ckpt_io.remove_all(self.out)
             self._write_run_json()
             mf = self._open_metrics()
         start = self.step
@@ -487,11 +796,12 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 x0, y = self.order.next_batch()
-                loss, gn = self.train_step(x0, y)
+                loss, gn, applied = self.train_step(x0, y)
                 self.step += 1
-                self._acc_loss += loss
-                self._acc_gn += gn
-                self._acc_n += 1
+                if applied:  # a skipped step's NaN stays out of the logged means
+                    self._acc_loss += loss
+                    self._acc_gn += gn
+                    self._acc_n += 1
                 bar.update(1)
                 s, last = self.step, self.step == cfg.steps
                 log_now = cfg.log_every > 0 and (s % cfg.log_every == 0 or last)
@@ -500,6 +810,7 @@ class Trainer:
                         or (cfg.ckpt_every and s % cfg.ckpt_every == 0) or last):
                     continue
                 # ---- a side step: sync here, and keep its time out of the steps/s figure
+                self._check_finite()  # never log or checkpoint a poisoned state
                 row = None
                 if log_now or eval_now:
                     acc = torch.stack([self._acc_loss, self._acc_gn])
@@ -508,18 +819,22 @@ class Trainer:
                         acc /= self.world_size
                     n = max(self._acc_n, 1)
                     mean_loss, mean_gn = (acc / n).tolist()
+                    if self._acc_n == 0:  # every step of the interval skipped: no mean to report
+                        mean_loss = mean_gn = None
                     dt = time.perf_counter() - t_mark
                     train_time += dt
                     t_mark = time.perf_counter()
-                    last_loss = mean_loss
+                    last_loss = mean_loss if mean_loss is not None else last_loss
                     # steps_per_s: this interval's training rate (side work excluded)
                     row = {"step": s, "loss": mean_loss, "grad_norm": mean_gn, "lr": self._lr_at(s - 1),
                            "epoch": self.order.epoch, "steps_per_s": (s - log_step) / max(interval_t + dt, 1e-9)}
+                    if cfg.skip_nonfinite:
+                        row["nonfinite_skipped"] = self.skipped  # total so far
                     log_step, interval_t = s, 0.0
                     self._acc_loss.zero_()
                     self._acc_gn.zero_()
                     self._acc_n = 0
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
                 else:
                     dt = time.perf_counter() - t_mark
                     train_time += dt
@@ -544,12 +859,15 @@ class Trainer:
             bar.close()
             if self.is_main:
                 mf.close()
+        from speed_kernels.backends import numerics_env
+
         summary = {
             "name": cfg.name, "out": str(self.out), "steps": self.step, "start_step": start,
             "final_loss": last_loss, "train_time_s": train_time,
             "steps_per_s": (self.step - start) / train_time if train_time > 0 else None,
             "params": count_params(self.model), "checkpoint": str(self.ckpt_path),
             "samples": self.last_grid, "evals": evals, "world_size": self.world_size,
+            "backend": self.backend_info, "numerics_env": numerics_env(), "nonfinite_skipped": self.skipped,
         }
         if self.is_main:
             summary["loss_curve"] = self.plot_loss()
@@ -564,18 +882,18 @@ class Trainer:
 
 
 def load_checkpoint_model(path, device="cpu", use_ema: bool = True):
-    """Rebuild the model of a training checkpoint for sampling. Returns (model, schedule, info)
-    with info = the checkpoint's config, model_args, data and step."""
+    """Rebuild the model of a training checkpoint for sampling. ``path``: a checkpoint file or a
+    run folder (its newest readable checkpoint). Returns (model, schedule, info) with info = the
+    checkpoint's config, model_args, data and step."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    st = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(st, dict) or st.get("format") != "speed_train/1":
-        raise ValueError(f"{path} is not a speed-kernels training checkpoint")
+    if path.is_dir():
+        st, path = ckpt_io.load_latest(path, log=lambda m: print(m, file=sys.stderr))
+    else:
+        st = ckpt_io.load_file(path)
     model = build_model(**st["model_args"])
     model.load_state_dict(st["ema" if use_ema else "model"])
     model.to(device).eval()
     cfg = st["config"]
     schedule = make_schedule(cfg["schedule"], cfg["T"])
-    info = {"config": cfg, "model_args": st["model_args"], "data": st["data"], "step": st["step"]}
+    info = {"config": cfg, "model_args": st["model_args"], "data": st["data"], "step": st["step"], "path": str(path)}
     return model, schedule, info

@@ -1,6 +1,7 @@
 """`compare`: strategy-list parsing, the speed-up reading, and a tiny end-to-end run."""
 import json
 import math
+import os
 
 import pytest
 
@@ -62,6 +63,11 @@ def test_speedup_reading():
     assert both["bound"] == "?"
 
 
+def res_env_ok(out):
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    return meta["numerics_env"].get("SPEED_KERNELS_CACHE") == os.environ["SPEED_KERNELS_CACHE"]
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -70,7 +76,7 @@ def cache(tmp_path_factory):
 def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monkeypatch, capsys):
     pytest.importorskip("sklearn")
     monkeypatch.setenv("SPEED_KERNELS_CACHE", str(cache))
-    from speed_kernels.cli import main
+    from speed_train.cli import main
 
     out = tmp_path / "cmp"
     argv = [
@@ -88,6 +94,7 @@ def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monke
     assert (out / "quality_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert "produced by" in md and "versions" in md and "machine" in md and "date" in md
+    assert "SPEED_* environment: {" in md and res_env_ok(out)
     assert "40 samples (ddim, 3 steps" in md
     csv_text = (out / "results.csv").read_text()
     assert csv_text.startswith("# produced by:") and "speed:k=5,lam=0.6" in csv_text
@@ -106,6 +113,7 @@ def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monke
     assert all(r["q_n_samples"] == 40 and r["q_sample_steps"] == 3 for r in evals)
     assert (out / "runs" / "uniform-seed0" / "eval_samples.png").is_file()
     assert not (out / "runs" / "uniform-seed0" / "ckpt.pt").exists()  # deleted unless --keep-checkpoints
+    assert not list((out / "runs" / "uniform-seed0").glob("ckpt-*.pt"))
 
     # --reuse reads the runs back instead of training again; other settings train again
     assert main(argv + ["--reuse"]) == 0
@@ -117,7 +125,7 @@ def test_compare_end_to_end_writes_table_csv_json_and_png(tmp_path, cache, monke
 
 
 def test_compare_cli_reports_bad_strategy(tmp_path, capsys):
-    from speed_kernels.cli import main
+    from speed_train.cli import main
 
     rc = main(["compare", "--strategies", "uniform,bogus", "--out", str(tmp_path / "x")])
     assert rc == 2

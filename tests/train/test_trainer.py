@@ -81,8 +81,8 @@ def test_resume_gives_identical_per_step_losses(tmp_path, strategy, model, extra
     a, b = _losses(straight.out), _losses(half.out)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert [a[k] for k in sorted(a)] == [b[k] for k in sorted(b)]  # bit-identical
-    sa = torch.load(Path(straight.out) / "ckpt.pt", weights_only=False)
-    sb = torch.load(Path(half.out) / "ckpt.pt", weights_only=False)
+    sa = torch.load(Path(straight.out) / "ckpt.pt", weights_only=True)
+    sb = torch.load(Path(half.out) / "ckpt.pt", weights_only=True)
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
         assert torch.equal(sa["ema"][k], sb["ema"][k]), k
@@ -98,7 +98,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 def test_torchrun_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "speed_kernels.cli", "train", "--device", "cpu", "--model", "unet-tiny", "--strategy", "importance",
+           "-m", "speed_train.cli", "train", "--device", "cpu", "--model", "unet-tiny", "--strategy", "importance",
            "--steps", "4", "--batch-size", "16", "--log-every", "1", "--sample-n", "10", "--sample-steps", "3",
            "--no-progress", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -106,7 +106,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert r.stdout.count("trained ") == 1  # rank 0 reports
     assert sorted(_losses(out)) == [1, 2, 3, 4]
-    st = torch.load(out / "ckpt.pt", weights_only=False)
+    st = torch.load(out / "ckpt.pt", weights_only=True)
     assert st["world_size"] == 2 and len(st["ranks"]) == 2
     r0, r1 = (rk["loss_fn"] for rk in st["ranks"])
     assert (r0["rank"], r1["rank"]) == (0, 1) and r0["call"] == r1["call"] == 4
@@ -127,7 +127,7 @@ def _history_size(state):
 
 
 def _cli(argv):
-    from speed_kernels.cli import main
+    from speed_train.cli import main
 
     return main(argv)
 
