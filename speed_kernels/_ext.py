@@ -95,7 +95,11 @@ if _C is not None:
             dpred = _ops.loss_backward(grad_loss, pred, x0, t, tables, k0, k1, call, target, learn_sigma)
         return (dpred,) + (None,) * 10
 
-    torch.library.register_autograd("speed_kernels::loss", _loss_backward, setup_context=_loss_setup_context)
+    # csrc/registration.cpp registers the formula in C++ (one native autograd node, no Python per
+    # call); an extension built before that gets the same formula from here.
+    CPP_AUTOGRAD = torch._C._dispatch_has_kernel_for_dispatch_key("speed_kernels::loss", "Autograd")
+    if not CPP_AUTOGRAD:
+        torch.library.register_autograd("speed_kernels::loss", _loss_backward, setup_context=_loss_setup_context)
 
 
 class ExtBackend:
