@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(_ROOT, "python"))
 
 from speed_kernels import DiffusionLoss, NoiseSchedule, reference  # noqa: E402
 from speed_kernels.tables import ROW_SQRT_1MAB, ROW_SQRT_AB  # noqa: E402
-from speed_train.models import build_model, count_params  # noqa: E402
+from speed_train.models import apply_training_recipe, build_model, count_params  # noqa: E402
 
 # name -> (model, channels, image size, batch, learn_sigma, classes)
 FULL = {
@@ -175,8 +175,7 @@ def bench_row(key, spec, device, mode, args, autocast_dtype):
     name, c, size, batch, learn_sigma, classes = spec
     torch.manual_seed(0)
     base = build_model(name, in_channels=c, image_size=size, num_classes=classes, learn_sigma=learn_sigma)
-    if args.channels_last and device.type == "cuda" and name.startswith("unet"):
-        base = base.to(memory_format=torch.channels_last)
+    base = apply_training_recipe(base, device, channels_last=args.channels_last and name.startswith("unet"))
     sides = {impl: Side(impl, base, spec, device, mode, autocast_dtype, seed=1) for impl in ("plain", "ours")}
     del base
     for s in sides.values():
@@ -303,7 +302,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads on the CPU (0: torch's default; 1 with --smoke)")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
-    ap.add_argument("--channels-last", action="store_true", help="U-Net in channels-last memory format (CUDA)")
+    ap.add_argument("--channels-last", action="store_true", help="U-Net in channels-last memory format (both sides)")
     ap.add_argument("--time-budget-s", type=float, default=0, help="skip the remaining rows after this many seconds")
     ap.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results"))
     ap.add_argument("--tag", default="", help="suffix of the result file names")
@@ -342,9 +341,6 @@ def main(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 3)
     args.autocast = device.type == "cuda" and not args.fp32
     autocast_dtype = torch.bfloat16 if args.autocast else None
-    if device.type == "cuda":  # the engine's recipe: TF32 matmuls / convolutions where fp32 remains
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"train_{device.type}" + (f"_{args.tag}" if args.tag else ""))

@@ -76,3 +76,18 @@ def test_bad_arguments_are_refused(bench, tmp_path):
         bench.main(["--device", "cpu", "--smoke", "--modes", "fast", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="graph"):
         bench.main(["--device", "cpu", "--smoke", "--modes", "graph", "--out", str(tmp_path)])
+
+
+def test_training_recipe_channels_last_keeps_the_function():
+    from speed_train.models import apply_training_recipe, build_model
+
+    torch.manual_seed(0)
+    model = build_model("unet-tiny", in_channels=3, image_size=16)
+    for p in model.parameters():  # the zero-initialised convs would hide a layout mistake
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    want = model(x, t)
+    out = apply_training_recipe(model, "cpu", channels_last=True)
+    assert out.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not out.conv_in.weight.is_contiguous()
+    torch.testing.assert_close(out(x, t), want, rtol=1e-4, atol=1e-5)
