@@ -235,7 +235,8 @@ class DiffusionLoss:
         self._check_pred(pred, x0)
         if not isinstance(t, torch.Tensor) or t.shape != (x0.shape[0],) or t.device != x0.device:
             raise ValueError(f"t must be a tensor of shape ({x0.shape[0]},) on {x0.device}")
-        t = t.to(torch.int64)
+        if t.dtype != torch.int64:
+            t = t.to(torch.int64)
         tab = self.tables(x0.device)
         reduce_mean = reduction == "mean"
         if noise is not None:
