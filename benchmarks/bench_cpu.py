@@ -141,6 +141,42 @@ def bench(shape, strategy_name, repeats, warmup, dtype=torch.float32):
     return rows, speedup
 
 
+def host_rows(shapes, strategy_name, repeats, block=50):
+    """Host time per step at tiny shapes on one thread: where the step is all interpreter and
+    dispatcher overhead. Each repeat times `block` consecutive steps (timer resolution), ours and
+    plain PyTorch alternating repeat by repeat; microseconds per step."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for shape in shapes:
+            sched = NoiseSchedule.linear()
+            g = torch.Generator().manual_seed(0)
+            x0 = torch.randn(shape, generator=g)
+            pred = torch.randn(shape, generator=g).requires_grad_()
+            eager = eager_step_factory(sched, strategy_name, x0, pred)
+            fused, _ = fused_step_factory(sched, strategy_name, x0, pred)
+            for _ in range(block):
+                eager()
+                fused()
+            times = {"eager": [], "cpp": []}
+            for r in range(repeats):
+                for name in (("eager", "cpp") if r % 2 == 0 else ("cpp", "eager")):
+                    f = eager if name == "eager" else fused
+                    t0 = time.perf_counter()
+                    for _ in range(block):
+                        f()
+                    times[name].append((time.perf_counter() - t0) / block)
+            out = {}
+            for name, ts in times.items():
+                q = statistics.quantiles(ts, n=5)
+                out[name] = (statistics.median(ts) * 1e6, q[0] * 1e6, q[3] * 1e6)
+            rows.append(("x".join(map(str, shape)), strategy_name, out))
+    finally:
+        torch.set_num_threads(prev)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="64x3x64x64,256x4x32x32")
@@ -149,6 +185,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--host-shapes", default="4x4x8x8,64x4x8x8",
+                    help="shapes of the host-time-per-step rows (one thread); empty: skip them")
+    ap.add_argument("--host-repeats", type=int, default=40, help="repeats (of 50 steps each) per host row")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -167,6 +206,15 @@ def main(argv=None):
                 f"  speed-up {speedup:5.2f}x",
                 flush=True,
             )
+    hrows = []
+    if args.host_shapes:
+        hshapes = [tuple(int(v) for v in s.split("x")) for s in args.host_shapes.split(",")]
+        for strat in args.strategies.split(","):
+            hrows += host_rows(hshapes, strat, args.host_repeats)
+        for shape_s, strat, out in hrows:
+            e, c = out["eager"], out["cpp"]
+            print(f"host/step {shape_s:>10} {strat:>8}: eager {e[0]:7.1f} us  cpp {c[0]:7.1f} us"
+                  f"  ratio {c[0] / e[0]:4.2f}", flush=True)
     load_after = os.getloadavg()
 
     os.makedirs(args.out, exist_ok=True)
@@ -202,6 +250,21 @@ def main(argv=None):
             f"| {e['shape']} | {e['dtype']} | {e['strategy']} | {e['median_ms']:.2f} ({e['p20_ms']:.2f}-{e['p80_ms']:.2f})"
             f" | {c['median_ms']:.2f} ({c['p20_ms']:.2f}-{c['p80_ms']:.2f}) | {c['speedup_vs_eager']:.2f}x |"
         )
+    if hrows:
+        lines += [
+            "",
+            "## Host time per step (one thread, tiny tensors: interpreter + dispatcher overhead)",
+            "",
+            f"t, eps, x_t, loss, backward; us per step, median (p20-p80) of {args.host_repeats} interleaved"
+            " repeats of 50 steps each.",
+            "",
+            "| shape | strategy | eager us/step | cpp us/step | cpp / eager |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for shape_s, strat, out in hrows:
+            e, c = out["eager"], out["cpp"]
+            lines.append(f"| {shape_s} | {strat} | {e[0]:.1f} ({e[1]:.1f}-{e[2]:.1f}) | {c[0]:.1f} ({c[1]:.1f}-{c[2]:.1f})"
+                         f" | {c[0] / e[0]:.2f} |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {base}.md and {base}.csv")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command for the GPU machine, run in the repo root:   bash benchmarks/gpu_check.sh
 # (1) environment, (2) optional build of the compiled extension, (3) the GPU test suite
-# (pytest -m gpu), (4) the op benchmark, (5) logs + results copied flat into $OUT (<= 8 files).
-# Every step runs under `timeout` and the script goes on after a failure; the exit status is
-# non-zero if any step failed. Total under ~6 minutes (step budgets below, seconds).
+# (pytest -m gpu), (4) the op benchmark, (5) the training-step benchmark (bench_train.py: DiT-S/B/XL,
+# U-Net 32/64; eager, CUDA graph, then torch.compile while its time budget lasts), (6) logs +
+# results copied flat into $OUT (<= 11 files). Every step runs under `timeout` and the script goes
+# on after a failure; the exit status is non-zero if any step failed. Total under 9 minutes on an
+# H100/H200: the step timeouts below sum to 490 s, plus start-up.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -13,16 +15,28 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 T_BUILD="${T_BUILD:-80}"
 T_TESTS="${T_TESTS:-130}"
-T_BENCH="${T_BENCH:-150}"
+T_BENCH="${T_BENCH:-130}"
+T_TRAIN="${T_TRAIN:-150}"
+# bench_train starts no new row after TRAIN_BUDGET_S (a row in flight finishes; results are
+# written after every row, so a timeout still leaves the table of the finished rows)
+TRAIN_BUDGET_S="${TRAIN_BUDGET_S:-105}"
+TRAIN_ARGS=(--device cuda --modes eager,graph,compile --repeats 6 --steps-per-repeat 3 --warmup 2
+  --time-budget-s "$TRAIN_BUDGET_S")
 # SMOKE=1: rehearse the whole script on a CPU-only machine (tests and benchmark through the
 # Triton interpreter, tiny shapes; nothing is measured)
 SMOKE="${SMOKE:-0}"
-BENCH_ARGS=(--compile-budget-s 40 --time-budget-s 115 --rep-ms 30)
+BENCH_ARGS=(--compile-budget-s 35 --time-budget-s 100 --rep-ms 30)
 # knobs: SKIP_BUILD=1 (no compiled extension: its tests skip), TICKETS_TESTS=1 (the Triton GPU
-# tests again with SPEED_TRITON_TICKETS=1), BENCH_EXTRA="--dtypes fp32 ..." (appended)
+# tests again with SPEED_TRITON_TICKETS=1), BENCH_EXTRA="--dtypes fp32 ..." (appended), T_TRAIN /
+# TRAIN_BUDGET_S (seconds for bench_train), TRAIN_EXTRA="--models DiT-XL/2 --batch 128 ..." (appended)
 # shellcheck disable=SC2206
 BENCH_ARGS+=(${BENCH_EXTRA:-})
-if [ "$SMOKE" = 1 ]; then export SPEED_GPU_SMOKE=1; BENCH_ARGS=(--smoke --dtypes fp32 --out "$OUT/results"); fi
+# shellcheck disable=SC2206
+TRAIN_ARGS+=(${TRAIN_EXTRA:-})
+if [ "$SMOKE" = 1 ]; then
+  export SPEED_GPU_SMOKE=1; BENCH_ARGS=(--smoke --dtypes fp32 --out "$OUT/results")
+  TRAIN_ARGS=(--device cpu --smoke --out "$OUT/results")
+fi
 FAILED=()
 
 step() {  # step NAME TIMEOUT LOGFILE CMD...   (NAME ending in '?' = optional: logged, not fatal)
@@ -69,13 +83,22 @@ fi
 # (4) op benchmark (writes benchmarks/results/ops_<gpu>.md/.csv after every variant)
 step bench "$T_BENCH" "$OUT/bench_ops.log" python3 benchmarks/bench_ops.py "${BENCH_ARGS[@]}"
 
-# (5) results back (flat, <= 8 files: gpu_check.log build.log pytest_gpu*.log bench_ops.log + md/csv)
+# (5) training steps (writes benchmarks/results/train_cuda.md/.csv after every row)
+step bench-train "$T_TRAIN" "$OUT/bench_train.log" python3 benchmarks/bench_train.py "${TRAIN_ARGS[@]}"
+
+# (6) results back (flat: gpu_check.log build.log pytest_gpu*.log bench_ops.log bench_train.log + md/csv)
 RES_DIR=benchmarks/results; [ "$SMOKE" = 1 ] && RES_DIR="$OUT/results"
 LATEST=$(ls -t "$RES_DIR"/ops_*.md 2>/dev/null | head -n 1)
 if [ -n "$LATEST" ] && [ "$RES_DIR" = benchmarks/results ]; then
   cp "$LATEST" "${LATEST%.md}.csv" "$OUT"/ 2>/dev/null || FAILED+=("results(copy)")
 elif [ -z "$LATEST" ]; then
   FAILED+=("results(missing)")
+fi
+TRAIN_MD=$(ls -t "$RES_DIR"/train_*.md 2>/dev/null | head -n 1)
+if [ -n "$TRAIN_MD" ] && [ "$RES_DIR" = benchmarks/results ]; then
+  cp "$TRAIN_MD" "${TRAIN_MD%.md}.csv" "$OUT"/ 2>/dev/null || FAILED+=("train-results(copy)")
+elif [ -z "$TRAIN_MD" ]; then
+  FAILED+=("train-results(missing)")
 fi
 if [ ${#FAILED[@]} -ne 0 ]; then
   echo "FAILED: ${FAILED[*]}" | tee -a "$LOG"

@@ -22,7 +22,8 @@ from .tables import ROW_CDF, ROW_WEIGHT, build_tables, sampling_row, target_code
 
 
 def _resolve(device) -> torch.device:
-    device = torch.device(device)
+    if type(device) is not torch.device:  # per-call host time: skip the constructor when we can
+        device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -83,6 +84,7 @@ class DiffusionLoss:
         self._call_start = 0
         self._call: torch.Tensor | None = None
         self._tables: dict[torch.device, torch.Tensor] = {}
+        self._backend_cache: dict = {}
         self._host_tables = self._build_host_tables()
         self.pivot = int(self.strategy.pivot(schedule)) if self.strategy.mirror else 0
         self._last_terms: torch.Tensor | None = None
@@ -145,9 +147,13 @@ class DiffusionLoss:
 
     def backend(self, device, dtype: torch.dtype = torch.float32):
         """The backend object that runs on `device` (`auto` keeps float64 on the reference)."""
-        if self.backend_name == "auto" and dtype == torch.float64:
-            return select("torch", torch.device(device))
-        return select(self.backend_name, torch.device(device))
+        key = (self.backend_name, device, dtype)
+        b = self._backend_cache.get(key)  # select() per call cost a few us of host time
+        if b is None:
+            dev = torch.device(device)
+            name = "torch" if self.backend_name == "auto" and dtype == torch.float64 else self.backend_name
+            b = self._backend_cache[key] = select(name, dev)
+        return b
 
     # ----------------------------------------------------------------- checks
     def _check_x0(self, x0) -> None:
@@ -229,7 +235,8 @@ class DiffusionLoss:
         self._check_pred(pred, x0)
         if not isinstance(t, torch.Tensor) or t.shape != (x0.shape[0],) or t.device != x0.device:
             raise ValueError(f"t must be a tensor of shape ({x0.shape[0]},) on {x0.device}")
-        t = t.to(torch.int64)
+        if t.dtype != torch.int64:
+            t = t.to(torch.int64)
         tab = self.tables(x0.device)
         reduce_mean = reduction == "mean"
         if noise is not None:

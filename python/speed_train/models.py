@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DiT", "UNet", "build_model", "MODEL_CONFIGS", "model_names", "count_params"]
+__all__ = ["DiT", "UNet", "build_model", "MODEL_CONFIGS", "model_names", "count_params", "apply_training_recipe"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -323,6 +323,8 @@ MODEL_CONFIGS: dict[str, tuple[type, dict]] = {
 MODEL_CONFIGS.update({
     # CPU-sized DiT: on 8x8 digits patch 2 gives 16 tokens
     "DiT-tiny": (DiT, dict(depth=6, hidden=192, heads=3, patch_size=2)),
+    # a step so small that the host path (loss, optimizer launches) is most of it: benchmarks/tests
+    "DiT-micro": (DiT, dict(depth=1, hidden=64, heads=2, patch_size=2)),
     "unet-tiny": (UNet, dict(ch=32, ch_mult=(1, 2), num_res=1, attn_max_res=8)),
     # about 6M parameters at 32x32: the "small U-Net" of REFERENCE.md's Fashion-MNIST runs
     "unet-small": (UNet, dict(ch=64, ch_mult=(1, 2, 2), num_res=2, attn_max_res=16)),
@@ -347,3 +349,21 @@ def build_model(name: str, in_channels: int, image_size: int, num_classes: int =
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def apply_training_recipe(model: nn.Module, device, channels_last: bool = False) -> nn.Module:
+    """The fast paths a modern trainer turns on, in one place (attention already runs through
+    scaled_dot_product_attention; the trainer builds a fused AdamW on CUDA):
+
+    * TF32 for float32 matmuls and convolutions on CUDA (what autocast leaves in float32);
+    * channels-last weights for convolutional models when asked (`channels_last=True`): cuDNN's
+      NHWC kernels are faster for most convolutions, but GroupNorm-heavy U-Nets do not always gain,
+      so it is opt-in until benchmarks/bench_train.py --channels-last says otherwise on a card.
+
+    Returns the model (moved in place to the memory format; values unchanged)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    return model
