@@ -270,8 +270,9 @@ class LaplaceLogSNR(Density):
         return np.where(inside, dens_lam * 2.0 / (sc * (1.0 - sc)), 0.0)  # |dlambda/dsigma|
 
     def icdf(self, u):
-        p = 1.0 - _arr(u)  # quantile of lambda at 1 - u
-        lam = self.mu - self.b * np.sign(p - 0.5) * np.log1p(-2.0 * np.abs(p - 0.5))
+        p = 1.0 - _arr(u)  # quantile of lambda at 1 - u (+-inf at the ends: sigma 0 and 1)
+        with np.errstate(divide="ignore"):
+            lam = self.mu - self.b * np.sign(p - 0.5) * np.log1p(-2.0 * np.abs(p - 0.5))
         return special.expit(-0.5 * lam)
 
 
