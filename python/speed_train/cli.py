@@ -56,6 +56,8 @@ def _train_parser(p: argparse.ArgumentParser):
     g.add_argument("--learn-sigma", action="store_true", help="2C outputs and DiT's hybrid loss")
     g.add_argument("--schedule", help=f"noise schedule (default {d.schedule})")
     g.add_argument("--backend", help="loss backend: auto | triton | cuda | cpp | torch")
+    g.add_argument("--objective", choices=["diffusion", "flow"],
+                   help="diffusion (default) or flow matching (flow strategies; --param shift=3; euler/heun)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
     g.add_argument("--batch-size", type=int, help=f"global batch (default {d.batch_size})")
@@ -78,7 +80,8 @@ def _train_parser(p: argparse.ArgumentParser):
     g.add_argument("--sample-every", type=int, help="sample grid interval (default: at the end only)")
     g.add_argument("--ckpt-every", type=int, help=f"checkpoint interval (default {d.ckpt_every}; always at the end)")
     g.add_argument("--sample-n", type=int, help=f"samples per grid (default {d.sample_n})")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], help=f"grid sampler (default {d.sampler})")
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"],
+                   help=f"grid sampler (default {d.sampler}; euler for --objective flow)")
     g.add_argument("--sample-steps", type=int, help=f"grid sampler steps (default {d.sample_steps})")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale for grids (default 1: none)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)

@@ -63,6 +63,7 @@ class TrainConfig:
     prediction: str = "eps"             # eps | v | x0
     learn_sigma: bool = False
     backend: str = "auto"
+    objective: str = "diffusion"        # diffusion | flow (FlowMatchingLoss; samplers euler | heun)
     # optimisation
     steps: int = 800                    # the no-argument digits run: about 3 CPU minutes
     batch_size: int = 128               # global: divided among the ranks
@@ -190,15 +191,25 @@ class Trainer:
         self.cfg = cfg = cfg.resolved(self.data.name, self.data.pixel_space)
         if cfg.batch_size % self.world_size:
             raise ValueError(f"batch size {cfg.batch_size} is not divisible by {self.world_size} ranks")
-        if cfg.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be ddpm or ddim, got {cfg.sampler!r}")
+        if cfg.objective == "flow" and cfg.sampler == "ddpm":  # the default sampler: flow's is euler
+            self.cfg = cfg = dataclasses.replace(cfg, sampler="euler")
+        samplers = ("euler", "heun") if cfg.objective == "flow" else ("ddpm", "ddim")
+        if cfg.objective not in ("diffusion", "flow"):
+            raise ValueError(f"objective must be diffusion or flow, got {cfg.objective!r}")
+        if cfg.sampler not in samplers:
+            raise ValueError(f"sampler must be one of {samplers} for objective {cfg.objective}, got {cfg.sampler!r}")
         self.out = Path(cfg.out)
         C, H, _ = self.data.shape
         self.num_classes = self.data.num_classes if (cfg.class_cond and self.data.labels is not None) else 0
 
         # the loss before the model: an unknown strategy/backend fails before any work
         self.schedule = make_schedule(cfg.schedule, cfg.T)
-        self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=True)
+        if cfg.objective == "flow":
+            from .flow_objective import make_flow_loss
+
+            self.loss_fn = make_flow_loss(cfg, rank=self.rank)
+        else:
+            self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=True)
         self.gather_losses = self.world_size > 1 and _learns_from_losses(self.loss_fn.strategy)
         if self.gather_losses:  # each rank updates the strategy from every rank's losses
             self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=False)
@@ -298,6 +309,14 @@ class Trainer:
         n = n or cfg.sample_n
         if y is None and self.num_classes:
             y = torch.arange(n, device=self.device) % self.num_classes
+        if cfg.objective == "flow":
+            from .sampling import flow_sample
+
+            return flow_sample(self.ema if use_ema else self.model, (n, *self.data.shape),
+                               sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps,
+                               shift=self.loss_fn.shift, prediction=cfg.prediction, y=y,
+                               guidance=cfg.guidance if guidance is None else guidance, clip=self.data.pixel_space,
+                               seed=seed, device=self.device, autocast_dtype=self.amp_dtype)
         return _sample(self.ema if use_ema else self.model, self.schedule, (n, *self.data.shape),
                        sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps, prediction=cfg.prediction,
                        learn_sigma=cfg.learn_sigma, y=y, guidance=cfg.guidance if guidance is None else guidance,
