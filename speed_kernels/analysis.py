@@ -474,6 +474,11 @@ def _format_table(schedule: NoiseSchedule, area: Dict[str, Any], summaries: List
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
+    if getattr(args, "path", "ddpm") == "flow":  # flow matching: speed_kernels.flow_analysis
+        from speed_kernels.flow_analysis import run_flow_analyze
+
+        return run_flow_analyze(args, _parse_params)
+    args.prediction = args.prediction or "eps"
     schedule = make_schedule(args.schedule, args.T, args.zero_snr)
     area = areas(schedule)
     entries = list(args.strategy) if args.strategy else ["uniform", "speed"]
@@ -530,7 +535,11 @@ def add_analyze_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="[STRATEGY:]KEY=VALUE",
                    help="strategy parameter, e.g. k=5 or speed:tau=auto (repeatable; without a prefix it "
                         "applies to every chosen strategy)")
-    p.add_argument("--prediction", default="eps", choices=("eps", "v", "x0"), help="target the weights are for")
+    p.add_argument("--prediction", default=None, choices=("eps", "v", "x0"),
+                   help="target the weights are for (default eps; v with --path flow)")
+    p.add_argument("--path", default="ddpm", choices=("ddpm", "flow"),
+                   help="ddpm (default): the schedule's areas; flow: flow matching over sigma (flow strategies)")
+    p.add_argument("--data-std", type=float, default=None, help="--path flow: the data's std (default 1)")
     p.add_argument("--step", type=int, default=0, help="training step for dynamic strategies (clts); default 0")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size for the mirror's exact effective distribution (default: large-batch limit)")
