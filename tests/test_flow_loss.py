@@ -27,12 +27,15 @@ def _need(backend):
 
 
 # ----------------------------------------------------------------------------- sigma's law
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+# Triton is not in the KS test: under the CPU interpreter one program (one sample) takes ~0.2 s
+# here, so 20,000 draws would take an hour. Its sigma equals the reference's bit for bit (below),
+# which carries the reference's KS result over.
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("name,params", DENSITY_CASES)
 @pytest.mark.parametrize("shift,clamp", [(1.0, None), (3.0, (0.05, 0.98))])
 def test_sigma_follows_the_density(backend, name, params, shift, clamp):
     _need(backend)
-    batch = 1024 if backend == "triton" else 20000  # the interpreter runs one program per sample
+    batch = 20000
     lf = FlowMatchingLoss(name, shift=shift, clamp=clamp, backend=backend, seed=11, strategy_params=params)
     _, sigma = lf.noise(torch.zeros(batch, 1))
     assert sigma.dtype == torch.float32 and sigma.shape == (batch,)
@@ -42,6 +45,9 @@ def test_sigma_follows_the_density(backend, name, params, shift, clamp):
     assert stats.kstest(s, lf.strategy.cdf).pvalue > 1e-3
 
 
+SMALL = {"triton": 6}  # interpreted Triton: one program per sample, ~0.2 s each
+
+
 @pytest.mark.parametrize("name,params", DENSITY_CASES)
 def test_same_sigma_bit_for_bit_across_backends(name, params):
     runs = {}
@@ -49,14 +55,16 @@ def test_same_sigma_bit_for_bit_across_backends(name, params):
         if flow_backends()[backend] != "available":
             continue
         lf = FlowMatchingLoss(name, shift=2.0, backend=backend, seed=2**40 + 3, rank=1, strategy_params=params)
-        x0 = torch.randn(48, 3, 2, generator=torch.Generator().manual_seed(0))
+        x0 = torch.randn(48, 3, 2, generator=torch.Generator().manual_seed(0))[: SMALL.get(backend, 48)]
         draws = [lf.noise(x0) for _ in range(2)]  # two calls: the counter moves
         runs[backend] = draws
     assert "torch" in runs and len(runs) >= 2, f"only {list(runs)} available"
     ref = runs["torch"]
     for backend, draws in runs.items():
         for (xt, s), (xt_ref, s_ref) in zip(draws, ref):
-            assert torch.equal(s, s_ref), backend  # exact, not close
+            b = s.shape[0]
+            assert torch.equal(s, s_ref[:b]), backend  # exact, not close
+            xt_ref = xt_ref[:b]
             torch.testing.assert_close(xt, xt_ref, rtol=1e-5, atol=1e-5)
     assert not torch.equal(ref[0][1], ref[1][1])
 
@@ -88,17 +96,18 @@ def _weight64(name, sigma, prediction, gamma=5.0, k=1.0, p2_gamma=1.0):
 def test_loss_and_grad_against_independent_formula(backend, prediction, weighting, reduction):
     _need(backend)
     gen = torch.Generator().manual_seed(5)
-    x0 = torch.randn(7, 3, 5, 3, generator=gen)  # 45 elements per sample: a ragged last group
+    B = 3 if backend == "triton" else 7  # interpreted Triton is slow
+    x0 = torch.randn(B, 3, 5, 3, generator=gen)  # 45 elements per sample: a ragged last group
     lf = FlowMatchingLoss(f"logit_normal+{weighting}", backend=backend, prediction=prediction, seed=99,
                           clamp=(0.05, 0.95))
     lf.noise(x0)  # call 0
     x_t, sigma = lf.noise(x0)  # call 1: the loss must use this call's eps
-    eps = rng.normal_per_element(7, 45, torch.tensor(1), lf.k0, lf.k1).view(x0.shape).double()
+    eps = rng.normal_per_element(B, 45, torch.tensor(1), lf.k0, lf.k1).view(x0.shape).double()
     s = sigma.double().view(-1, 1, 1, 1)
     torch.testing.assert_close(x_t.double(), (1 - s) * x0.double() + s * eps, rtol=1e-5, atol=1e-5)
     pred = torch.randn(x0.shape, generator=gen, requires_grad=True)
     out = lf.loss(pred, x0, sigma, reduction=reduction)
-    g = torch.linspace(0.5, 2.0, 7)
+    g = torch.linspace(0.5, 2.0, B)
     (out * (g.mean() if reduction == "mean" else g)).sum().backward()
 
     p64 = pred.detach().double().requires_grad_(True)
@@ -114,12 +123,13 @@ def test_loss_and_grad_against_independent_formula(backend, prediction, weightin
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_speed_for_flow_loss_uses_the_caw_weight(backend):
     _need(backend)
-    x0 = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    B = 4 if backend == "triton" else 16
+    x0 = torch.randn(B, 4, generator=torch.Generator().manual_seed(1))
     lf = FlowMatchingLoss("speed", backend=backend, seed=3)
     _, sigma = lf.noise(x0)
     pred = torch.zeros_like(x0)
     per = lf.loss(pred, x0, sigma, reduction="none")
-    eps = rng.normal_per_element(16, 4, torch.tensor(0), lf.k0, lf.k1).double()
+    eps = rng.normal_per_element(B, 4, torch.tensor(0), lf.k0, lf.k1).double()
     mse = ((eps - x0.double()) ** 2).mean(1)
     s = sigma.double()
     d = 1.0
