@@ -590,6 +590,7 @@ def get(name, shift: float = 1.0, clamp=None, **params) -> FlowStrategy:
         return name
     if not isinstance(name, str):
         raise TypeError(f"strategy must be a name or a FlowStrategy, got {type(name).__name__}")
+    name = name.replace("-", "_")  # the DDPM registry spells "logit-normal", "min-snr": accept both
     parts = name.split("+")
     if len(parts) == 1:
         n = parts[0]

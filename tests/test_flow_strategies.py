@@ -207,6 +207,7 @@ def test_registry_pairs_and_errors():
     s = F.get("beta+p2", a=0.5, b=2.0, k=2.0, gamma=0.5)
     assert s.density.params == {"a": 0.5, "b": 2.0} and s.weighting.params == {"k": 2.0, "gamma": 0.5}
     assert F.get("min_snr").density.name == "uniform"
+    assert F.get("logit-normal+min-snr").weighting.name == "min_snr"  # the DDPM registry's spelling
     assert F.get("cosmap").weighting.name == "none" and F.get("uniform+cosmap").weighting.name == "cosmap"
     with pytest.raises(ValueError, match="unknown flow strategy"):
         F.get("lognorm")
