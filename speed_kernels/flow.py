@@ -176,7 +176,10 @@ class FlowMatchingLoss:
         elif not isinstance(strategy, str):
             raise TypeError(f"strategy must be a name or a FlowStrategy, got {type(strategy).__name__}")
         else:
-            strategy = _fs.get(strategy, shift=shift, clamp=clamp, **(strategy_params or {}))
+            params = dict(strategy_params or {})
+            shift = float(params.pop("shift", shift))  # shift/clamp may also come as strategy parameters
+            clamp = params.pop("clamp", clamp)
+            strategy = _fs.get(strategy, shift=shift, clamp=clamp, **params)
         self.strategy = strategy
         self.shift = float(shift)
         if prediction not in _fs.PREDICTIONS:

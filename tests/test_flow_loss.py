@@ -209,3 +209,10 @@ def test_bad_input_errors():
         FlowMatchingLoss(backend="cuda-graphs")
     with pytest.raises(TypeError, match="strategy"):
         FlowMatchingLoss(strategy=3)
+
+
+def test_shift_as_a_strategy_parameter():
+    a = FlowMatchingLoss("mode", shift=3.0, backend="torch")
+    b = FlowMatchingLoss("mode", backend="torch", strategy_params={"shift": 3.0})
+    assert a.shift == b.shift == 3.0
+    assert torch.equal(a.tables("cpu"), b.tables("cpu"))
