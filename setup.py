@@ -82,7 +82,7 @@ def _extension_config():
         use_cuda = cuda_possible
 
     csrc = "csrc"  # relative paths: setuptools wants them
-    sources = [f"{csrc}/bindings.cpp", f"{csrc}/registration.cpp", f"{csrc}/cpu_ops.cpp"]
+    sources = [f"{csrc}/bindings.cpp", f"{csrc}/registration.cpp", f"{csrc}/cpu_ops.cpp", f"{csrc}/flow_cpu.cpp"]
     cxx = ["-O3", "-fno-math-errno", "-fopenmp"]
     extra = {"cxx": cxx}
     define_macros = []

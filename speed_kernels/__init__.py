@@ -20,9 +20,11 @@ _LAZY = {
     "analysis": ("speed_kernels.analysis", None),
     "rng": ("speed_kernels.rng", None),
     "reference": ("speed_kernels.reference", None),
+    "FlowMatchingLoss": ("speed_kernels.flow", "FlowMatchingLoss"),
+    "flow_strategies": ("speed_kernels.flow_strategies", None),
 }
 
-__all__ = ["DiffusionLoss", "NoiseSchedule", "strategies", "analysis", "rng", "backends", "__version__"]
+__all__ = ["DiffusionLoss", "NoiseSchedule", "strategies", "analysis", "rng", "backends", "FlowMatchingLoss", "flow_strategies", "__version__"]
 
 
 def __getattr__(name):

@@ -310,6 +310,19 @@ def strategy_parameters(name: str) -> Optional[List[str]]:
     return [p for p in sig.parameters if p != "self"]
 
 
+def route_params_unchecked(items: Sequence[str], names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``[STRATEGY:]KEY=VALUE`` items -> {strategy: {key: value}}, an item without a strategy going
+    to every one, for registries that check parameter names themselves (flow strategies)."""
+    out: Dict[str, Dict[str, Any]] = {n: {} for n in names}
+    for item in items:
+        target, key, val = split_key_value(item)
+        if target and target not in out:
+            raise ValueError(f"--param {item!r} names strategy {target!r}, not among {', '.join(names)}")
+        for n in ([target] if target else names):
+            out[n][key] = val
+    return out
+
+
 def parse_strategy_spec(spec: str) -> tuple:
     """'speed:k=5,lam=0.6' -> ('speed', {'k': 5, 'lam': 0.6}); 'uniform' -> ('uniform', {})."""
     name, _, rest = str(spec).partition(":")
@@ -400,6 +413,15 @@ def _format_table(schedule: NoiseSchedule, area: Dict[str, Any], summaries: List
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
+    if getattr(args, "path", "ddpm") == "flow":  # flow matching: speed_kernels.flow_analysis
+        from speed_kernels.flow_analysis import DEFAULT_STRATEGIES, run_flow_analyze
+
+        specs = [parse_strategy_spec(e) for e in (args.strategy or DEFAULT_STRATEGIES)]
+        names = [n for n, _ in specs]
+        # flow densities check their own parameters when built (flow_strategies.get)
+        return run_flow_analyze(args, names, [own for _, own in specs],
+                                route_params_unchecked(args.param or [], list(dict.fromkeys(names))))
+    args.prediction = args.prediction or "eps"
     schedule = make_schedule(args.schedule, args.T, args.zero_snr)
     area = areas(schedule)
     entries = list(args.strategy) if args.strategy else ["uniform", "speed"]
@@ -455,7 +477,11 @@ def add_analyze_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="[STRATEGY:]KEY=VALUE",
                    help="strategy parameter, e.g. k=5 or speed:tau=auto (repeatable; without a prefix it "
                         "applies to every chosen strategy)")
-    p.add_argument("--prediction", default="eps", choices=("eps", "v", "x0"), help="target the weights are for")
+    p.add_argument("--prediction", default=None, choices=("eps", "v", "x0"),
+                   help="target the weights are for (default eps; v with --path flow)")
+    p.add_argument("--path", default="ddpm", choices=("ddpm", "flow"),
+                   help="ddpm (default): the schedule's areas; flow: flow matching over sigma (flow strategies)")
+    p.add_argument("--data-std", type=float, default=None, help="--path flow: the data's std (default 1)")
     p.add_argument("--step", type=int, default=0, help="training step for dynamic strategies (clts); default 0")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size for the mirror's exact effective distribution (default: large-batch limit)")

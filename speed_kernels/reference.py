@@ -135,3 +135,85 @@ def loss(pred, x0, t, tables, k0, k1, call, target: int, learn_sigma: bool, redu
     per_sample = mse + vb
     terms = torch.stack([mse.detach(), vb.detach()]).to(torch.float32)
     return (per_sample.mean() if reduce_mean else per_sample), terms
+
+
+# =============================================================================================
+# Flow matching (speed_kernels.flow.FlowMatchingLoss): x_t = (1 - sigma) x0 + sigma eps.
+# Appended section, owned by the flow-matching work; the DDPM ops above are untouched.
+# Flow table: float32 [FLOW_NUM_ROWS, N + 1] (speed_kernels.flow.build_flow_tables): inverse-CDF
+# quantiles q, their truncated slopes dq, and the weight's smooth part on sigma = i / N.
+# =============================================================================================
+FLOW_STREAM_SIGMA = 2  # Philox stream of the sigma uniform (t uses 0, eps uses 1)
+FLOW_ROW_Q = 0
+FLOW_ROW_DQ = 1
+FLOW_ROW_W = 2
+FLOW_NUM_ROWS = 3
+
+
+def flow_sigma_uniform(batch: int, call: torch.Tensor, k0: int, k1: int, device) -> torch.Tensor:
+    """u of each sample (float32 [batch]): word 0 of philox(0, sample, call, FLOW_STREAM_SIGMA)."""
+    idx = torch.arange(batch, dtype=torch.int64, device=device)
+    w0, _, _, _ = rng.philox4x32(0, idx, call.reshape(()).to(device), FLOW_STREAM_SIGMA, k0, k1)
+    return rng.bits_to_uniform(w0)
+
+
+def flow_sigma_from_uniform(u: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """sigma = q[j] + f * dq[j], pos = u * N, j = floor(pos), f = pos - j (all float32, every
+    step exact but the final add: bit-identical across backends)."""
+    n = tables.shape[1] - 1
+    pos = u * float(n)
+    j = pos.to(torch.int64).clamp_(0, n - 1)  # pos >= 0: truncation is floor
+    f = pos - j.to(torch.float32)
+    return tables[FLOW_ROW_Q][j] + f * tables[FLOW_ROW_DQ][j]
+
+
+def flow_draw_sigma(batch: int, tables, k0, k1, call) -> torch.Tensor:
+    return flow_sigma_from_uniform(flow_sigma_uniform(batch, call, k0, k1, tables.device), tables)
+
+
+def flow_weight(sigma: torch.Tensor, tables: torch.Tensor, inv_sigma2: bool) -> torch.Tensor:
+    """Per-sample weight: linear interpolation of the smooth part on sigma = i / N, times
+    sigma^-2 for weightings that carry it (computed in sigma's dtype)."""
+    row = tables[FLOW_ROW_W].to(sigma.dtype)
+    n = row.numel() - 1
+    pos = sigma.clamp(0.0, 1.0) * n
+    j = pos.to(torch.int64).clamp_(0, n - 1)
+    f = pos - j.to(sigma.dtype)
+    w = row[j] + f * (row[j + 1] - row[j])
+    if inv_sigma2:
+        w = w / (sigma * sigma)
+    return w
+
+
+def flow_noise(x0, sigma_in, tables, k0, k1, call):
+    """(x_t in x0's dtype, sigma float32 [B]); draws sigma unless given. Advances `call`."""
+    sigma = flow_draw_sigma(x0.shape[0], tables, k0, k1, call) if sigma_in is None else sigma_in.to(torch.float32)
+    eps = regenerate_eps(x0.shape, call, k0, k1, x0.device)
+    cd = _compute_dtype(x0)
+    xf = x0.to(cd)
+    s = sigma.to(cd).view(-1, *([1] * (x0.dim() - 1)))
+    x_t = (1.0 - s) * xf + s * eps.to(cd)
+    call.add_(1)
+    return x_t.to(x0.dtype), sigma
+
+
+def flow_target(x0, eps, target: int):
+    """Regression target: 0 eps, 1 velocity eps - x0, 2 x0."""
+    if target == 0:
+        return eps
+    if target == 1:
+        return eps - x0
+    return x0
+
+
+def flow_loss(pred, x0, sigma, tables, k0, k1, call, target: int, inv_sigma2: bool, reduce_mean: bool, eps=None):
+    """(loss, terms): w(sigma) * mean over non-batch dims of (pred - target)^2, batch mean or per
+    sample; terms = detached float32 [B] weighted MSE. eps regenerated from call - 1 unless given."""
+    if eps is None:
+        eps = regenerate_eps(x0.shape, call - 1, k0, k1, x0.device)
+    cd = _compute_dtype(pred)
+    tgt = flow_target(x0.to(cd), eps.to(cd), target)
+    dims = tuple(range(1, x0.dim()))
+    w = flow_weight(sigma.to(cd), tables, inv_sigma2)
+    per = (pred.to(cd) - tgt).pow(2).mean(dim=dims) * w
+    return (per.mean() if reduce_mean else per), per.detach().to(torch.float32)

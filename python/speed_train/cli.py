@@ -22,7 +22,7 @@ import os
 import sys
 
 from speed_kernels.analysis import (USER_ERRORS, OneLineParser, add_analyze_command, one_line, parse_params,
-                                    parse_strategy_spec)
+                                    parse_strategy_spec, route_params_unchecked)
 
 __all__ = ["add_commands", "build_parser", "config_from_args", "main"]
 
@@ -48,6 +48,8 @@ def _train_parser(p: argparse.ArgumentParser):
     g.add_argument("--schedule", help=f"noise schedule (default {d.schedule})")
     g.add_argument("--T", type=int, help=f"diffusion steps (default {d.T})")
     g.add_argument("--backend", help="loss backend: auto | triton | cuda | cpp | torch")
+    g.add_argument("--objective", choices=["diffusion", "flow"],
+                   help="diffusion (default) or flow matching (flow strategies; --param shift=3; euler/heun)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"training steps (default {d.steps})")
     g.add_argument("--batch-size", type=int, help=f"global batch (default {d.batch_size})")
@@ -78,7 +80,8 @@ def _train_parser(p: argparse.ArgumentParser):
     g.add_argument("--sample-every", type=int, help="sample grid interval (default: at the end only)")
     g.add_argument("--ckpt-every", type=int, help=f"checkpoint interval (default {d.ckpt_every}; always at the end)")
     g.add_argument("--sample-n", type=int, help=f"samples per grid (default {d.sample_n})")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], help=f"grid sampler (default {d.sampler})")
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"],
+                   help=f"grid sampler (default {d.sampler}; euler for --objective flow)")
     g.add_argument("--sample-steps", type=int, help=f"grid sampler steps (default {d.sample_steps})")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale for grids (default 1: none)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
@@ -99,7 +102,11 @@ def config_from_args(args):
     name, inline = parse_strategy_spec(args.strategy) if args.strategy else (TrainConfig.strategy, {})
     if args.strategy:
         kw["strategy"] = name
-    params = {**parse_params(args.param or [], [name])[name], **inline}
+    if getattr(args, "objective", None) == "flow":
+        # flow strategies (speed_kernels.flow_strategies) check their own parameters when built
+        params = {**route_params_unchecked(args.param or [], [name])[name], **inline}
+    else:
+        params = {**parse_params(args.param or [], [name])[name], **inline}
     if params:
         kw["strategy_params"] = params
     chosen = set(kw)
@@ -132,7 +139,8 @@ def _sample_parser(p: argparse.ArgumentParser):
     p.add_argument("--ckpt", required=True, help="a checkpoint written by `speed-kernels train`, or its run folder "
                    "(the newest readable checkpoint)")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"],
+                   help="default ddim (diffusion checkpoints) or euler (flow checkpoints)")
     p.add_argument("--steps", type=int, default=50, help="respaced sampler steps (default 50)")
     p.add_argument("--out", default="samples.png", help="PNG grid path (default samples.png)")
     p.add_argument("--npz", help="also save the raw samples (and labels) to this .npz")
@@ -166,8 +174,23 @@ def cmd_sample(args) -> int:
     shape = (margs["in_channels"], margs["image_size"], margs["image_size"])
     amp = torch.bfloat16 if (device.type == "cuda" and cfg.get("bf16", True)) else None
     chunks = []
+    flow = cfg.get("objective", "diffusion") == "flow"
+    allowed = ("euler", "heun") if flow else ("ddpm", "ddim")
+    args.sampler = args.sampler or allowed[0 if flow else 1]
+    if args.sampler not in allowed:
+        raise ValueError(f"--sampler {args.sampler}: a {'flow' if flow else 'diffusion'} checkpoint samples with "
+                         f"{' or '.join(allowed)}")
     for i, start in enumerate(range(0, args.n, args.batch)):
         n = min(args.batch, args.n - start)
+        if flow:
+            from .sampling import flow_sample
+
+            shift = float((cfg.get("strategy_params") or {}).get("shift", 1.0))
+            chunks.append(flow_sample(model, (n, *shape), sampler=args.sampler, steps=args.steps, shift=shift,
+                                      prediction=cfg["prediction"], y=y[start:start + n] if y is not None else None,
+                                      guidance=args.guidance, clip=info["data"]["pixel_space"], seed=args.seed + i,
+                                      device=device, autocast_dtype=amp).cpu())
+            continue
         chunks.append(sample(model, schedule, (n, *shape), sampler=args.sampler, steps=args.steps,
                              prediction=cfg["prediction"], learn_sigma=margs["learn_sigma"],
                              y=y[start:start + n] if y is not None else None, guidance=args.guidance,

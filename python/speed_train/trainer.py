@@ -73,6 +73,7 @@ class TrainConfig:
     prediction: str = "eps"             # eps | v | x0
     learn_sigma: bool = False
     backend: str = "auto"
+    objective: str = "diffusion"        # diffusion | flow (FlowMatchingLoss; samplers euler | heun)
     # optimisation
     steps: int = 800                    # the no-argument digits run: about 3 CPU minutes
     batch_size: int = 128               # global: divided among the ranks
@@ -110,6 +111,8 @@ class TrainConfig:
             c.lr = 1e-3 if data_name == "digits" else 1e-4
         if c.ema is None:
             c.ema = min(0.9999, max(0.0, 1.0 - 10.0 / max(c.steps, 1)))
+        if c.objective == "flow" and c.sampler == "ddpm":  # the default sampler; flow's default is euler
+            c.sampler = "euler"
         if not c.grad_clip:  # 0 and None both mean off; one spelling in run.json and checkpoints
             c.grad_clip = None
         if c.name is None:
@@ -186,8 +189,11 @@ def validate_config(cfg: TrainConfig) -> None:
         fail("flip", "True, False or unset", cfg.flip)
     if cfg.prediction not in ("eps", "v", "x0"):
         fail("prediction", "one of eps, v, x0", cfg.prediction)
-    if cfg.sampler not in ("ddpm", "ddim"):
-        fail("sampler", "ddpm or ddim", cfg.sampler)
+    if cfg.objective not in ("diffusion", "flow"):
+        fail("objective", "diffusion or flow", cfg.objective)
+    samplers = ("euler", "heun") if cfg.objective == "flow" else ("ddpm", "ddim")
+    if cfg.sampler not in samplers and not (cfg.objective == "flow" and cfg.sampler == "ddpm"):
+        fail("sampler", " or ".join(samplers) + f" for objective {cfg.objective}", cfg.sampler)
     if not isinstance(cfg.strategy_params, dict):
         raise TypeError(f"strategy_params must be a dict, got {type(cfg.strategy_params).__name__}")
     if not isinstance(cfg.overrides, (list, tuple)) or not all(isinstance(k, str) for k in cfg.overrides):
@@ -353,8 +359,14 @@ class Trainer:
 
         # the loss before the model: an unknown strategy/backend fails before any work
         self.schedule = make_schedule(cfg.schedule, cfg.T)
-        self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=True)
-        self.gather_losses = self.world_size > 1 and _learns_from_losses(self.loss_fn.strategy)
+        if cfg.objective == "flow":
+            from .flow_objective import make_flow_loss
+
+            self.loss_fn = make_flow_loss(cfg, rank=self.rank)
+        else:
+            self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=True)
+        self.gather_losses = (self.world_size > 1 and cfg.objective != "flow"
+                              and _learns_from_losses(self.loss_fn.strategy))
         if self.gather_losses:  # each rank updates the strategy from every rank's losses
             self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=False)
         self.backend_info = self._describe_backend()
@@ -564,6 +576,14 @@ class Trainer:
         n = n or cfg.sample_n
         if y is None and self.num_classes:
             y = torch.arange(n, device=self.device) % self.num_classes
+        if cfg.objective == "flow":
+            from .sampling import flow_sample
+
+            return flow_sample(self.ema if use_ema else self.model, (n, *self.data.shape),
+                               sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps,
+                               shift=self.loss_fn.shift, prediction=cfg.prediction, y=y,
+                               guidance=cfg.guidance if guidance is None else guidance, clip=self.data.pixel_space,
+                               seed=seed, device=self.device, autocast_dtype=self.amp_dtype)
         return _sample(self.ema if use_ema else self.model, self.schedule, (n, *self.data.shape),
                        sampler=sampler or cfg.sampler, steps=steps or cfg.sample_steps, prediction=cfg.prediction,
                        learn_sigma=cfg.learn_sigma, y=y, guidance=cfg.guidance if guidance is None else guidance,

@@ -1,0 +1,197 @@
+// CPU kernels of the flow-matching ops (the `cpp` flow backend, speed_kernels/flow.py).
+//
+//   flow_noise(x0, sigma_in?, tables, k0, k1, call!) -> (x_t, sigma)
+//       sigma drawn per sample (Philox stream 2, exact-slope inverse-CDF table) unless given;
+//       x_t = (1 - sigma) x0 + sigma eps; advances call by one.
+//   flow_loss(pred, x0, sigma, tables, k0, k1, call_used, target, inv_sigma2, with_grad) -> (per [B], grad)
+//       per[b] = w(sigma_b) * mean((pred - target)^2), target 0 eps / 1 eps - x0 / 2 x0, with eps of
+//       call index call_used; grad = d sum(per) / d pred (empty unless with_grad).
+// Flow table rows (speed_kernels/reference.py, flow section): 0 quantiles q, 1 slopes dq, 2 weight.
+// Per-sample work runs under at::parallel_for; eps comes from the header's group_normals, so it
+// agrees with the reference to float rounding and sigma is bit-identical (see philox.h).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <optional>
+#include <tuple>
+
+#include "ops.h"
+#include "philox.h"
+
+namespace speed_kernels {
+namespace {
+
+constexpr uint32_t STREAM_SIGMA = 2;
+constexpr int64_t FLOW_ROW_Q = 0, FLOW_ROW_DQ = 1, FLOW_ROW_W = 2, FLOW_NUM_ROWS = 3;
+
+// sigma = q[j] + f * dq[j]: f * dq[j] is exact (12 + 12 significant bits), one rounding remains,
+// so contraction into an FMA changes nothing.
+float draw_sigma(const float* q, const float* dq, int32_t nq, uint32_t b, uint32_t call, uint32_t k0, uint32_t k1) {
+  const float u = bits_to_uniform(philox4x32_10(0u, b, call, STREAM_SIGMA, k0, k1).w0);
+  const float pos = u * static_cast<float>(nq);
+  int32_t j = static_cast<int32_t>(pos);
+  if (j > nq - 1) j = nq - 1;
+  const float f = pos - static_cast<float>(j);
+  return q[j] + f * dq[j];
+}
+
+float interp_weight(const float* w, int32_t nw, float sigma, bool inv_sigma2) {
+  const float s = sigma < 0.0f ? 0.0f : (sigma > 1.0f ? 1.0f : sigma);
+  const float pos = s * static_cast<float>(nw);
+  int32_t j = static_cast<int32_t>(pos);
+  if (j > nw - 1) j = nw - 1;
+  const float f = pos - static_cast<float>(j);
+  float v = w[j] + f * (w[j + 1] - w[j]);
+  if (inv_sigma2) v = v / (sigma * sigma);
+  return v;
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType st, F&& fn) {
+  switch (st) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", st);
+  }
+}
+
+void check_flow_common(const at::Tensor& x0, const at::Tensor& tables, int64_t k0, int64_t k1) {
+  check_x0(x0);
+  TORCH_CHECK_VALUE(x0.device().is_cpu(), "x0 must be a CPU tensor for the cpp flow ops, got ", x0.device());
+  check_same_device(x0, tables, "tables");
+  TORCH_CHECK_TYPE(tables.scalar_type() == at::kFloat, "tables must be float32, got ", tables.scalar_type());
+  TORCH_CHECK_VALUE(tables.dim() == 2 && tables.size(0) == FLOW_NUM_ROWS && tables.size(1) >= 2,
+                    "flow tables must be [3, N + 1] with N >= 1, got shape ", tables.sizes());
+  check_key(k0, k1);
+}
+
+// The four normals of group g, or the tail of a sample's last group (elements beyond n unused).
+template <typename X, typename Body>
+void for_each_eps(int64_t n, uint32_t b, uint32_t call, uint32_t k0, uint32_t k1, Body&& body) {
+  const int64_t groups = (n + 3) / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    float e[4];
+    group_normals(static_cast<uint32_t>(g), b, call, k0, k1, e);
+    const int64_t base = 4 * g;
+    const int64_t m = n - base < 4 ? n - base : 4;
+    for (int64_t l = 0; l < m; ++l) body(base + l, e[l]);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flow_noise_cpu(const at::Tensor& x0_in, const std::optional<at::Tensor>& sigma_in,
+                                                  const at::Tensor& tables_in, int64_t k0, int64_t k1,
+                                                  const at::Tensor& call) {
+  check_flow_common(x0_in, tables_in, k0, k1);
+  check_call(x0_in, call);
+  const at::Tensor x0 = x0_in.contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  const int64_t B = x0.size(0);
+  const int64_t n = x0.numel() / B;
+  const int32_t nq = static_cast<int32_t>(tables.size(1) - 1);
+  const uint32_t c = static_cast<uint32_t>(call.data_ptr<int64_t>()[0]);
+  const uint32_t u0 = static_cast<uint32_t>(k0), u1 = static_cast<uint32_t>(k1);
+  at::Tensor sigma;
+  if (sigma_in.has_value() && sigma_in->defined()) {
+    check_same_device(x0, *sigma_in, "sigma");
+    TORCH_CHECK_VALUE(sigma_in->dim() == 1 && sigma_in->size(0) == B, "sigma must be [B] = [", B, "], got shape ",
+                      sigma_in->sizes());
+    TORCH_CHECK_TYPE(sigma_in->is_floating_point(), "sigma must be a floating-point tensor, got ",
+                     sigma_in->scalar_type());
+    sigma = sigma_in->to(at::kFloat).clone(at::MemoryFormat::Contiguous);  // outputs must not alias inputs
+  } else {
+    sigma = at::empty({B}, x0.options().dtype(at::kFloat));
+    const float* q = tables.data_ptr<float>() + FLOW_ROW_Q * tables.size(1);
+    const float* dq = tables.data_ptr<float>() + FLOW_ROW_DQ * tables.size(1);
+    float* sp = sigma.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) sp[b] = draw_sigma(q, dq, nq, static_cast<uint32_t>(b), c, u0, u1);
+  }
+  at::Tensor xt = at::empty_like(x0);
+  const float* sp = sigma.data_ptr<float>();
+  dispatch_float(x0.scalar_type(), [&](auto tag) {
+    using X = decltype(tag);
+    const X* xp = x0.data_ptr<X>();
+    X* op = xt.data_ptr<X>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const float s = sp[b];
+        const X* xr = xp + b * n;
+        X* orow = op + b * n;
+        for_each_eps<X>(n, static_cast<uint32_t>(b), c, u0, u1, [&](int64_t i, float e) {
+          orow[i] = static_cast<X>((1.0f - s) * static_cast<float>(xr[i]) + s * e);
+        });
+      }
+    });
+  });
+  call.add_(1);
+  return {xt, sigma};
+}
+
+std::tuple<at::Tensor, at::Tensor> flow_loss_cpu(const at::Tensor& pred_in, const at::Tensor& x0_in,
+                                                 const at::Tensor& sigma_in, const at::Tensor& tables_in, int64_t k0,
+                                                 int64_t k1, const at::Tensor& call_used, int64_t target,
+                                                 bool inv_sigma2, bool with_grad) {
+  check_flow_common(x0_in, tables_in, k0, k1);
+  check_call(x0_in, call_used);
+  check_same_device(x0_in, pred_in, "pred");
+  check_float_dtype(pred_in, "pred");
+  TORCH_CHECK_VALUE(pred_in.sizes() == x0_in.sizes(), "pred must have x0's shape ", x0_in.sizes(), ", got ",
+                    pred_in.sizes());
+  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "target must be 0 (eps), 1 (v) or 2 (x0), got ", target);
+  check_same_device(x0_in, sigma_in, "sigma");
+  TORCH_CHECK_VALUE(sigma_in.dim() == 1 && sigma_in.size(0) == x0_in.size(0), "sigma must be [B] = [", x0_in.size(0),
+                    "], got shape ", sigma_in.sizes());
+  const at::Tensor pred = pred_in.contiguous();
+  const at::Tensor x0 = x0_in.contiguous();
+  const at::Tensor sigma = sigma_in.to(at::kFloat).contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  const int64_t B = x0.size(0);
+  const int64_t n = x0.numel() / B;
+  const int32_t nw = static_cast<int32_t>(tables.size(1) - 1);
+  const float* wrow = tables.data_ptr<float>() + FLOW_ROW_W * tables.size(1);
+  const uint32_t c = static_cast<uint32_t>(call_used.data_ptr<int64_t>()[0]);
+  const uint32_t u0 = static_cast<uint32_t>(k0), u1 = static_cast<uint32_t>(k1);
+  at::Tensor per = at::empty({B}, x0.options().dtype(at::kFloat));
+  at::Tensor grad = with_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
+  float* perp = per.data_ptr<float>();
+  const float* sp = sigma.data_ptr<float>();
+  dispatch_float(pred.scalar_type(), [&](auto ptag) {
+    using P = decltype(ptag);
+    dispatch_float(x0.scalar_type(), [&](auto xtag) {
+      using X = decltype(xtag);
+      const P* pp = pred.data_ptr<P>();
+      const X* xp = x0.data_ptr<X>();
+      P* gp = with_grad ? grad.data_ptr<P>() : nullptr;
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const float w = interp_weight(wrow, nw, sp[b], inv_sigma2);
+          const float gscale = 2.0f * w / static_cast<float>(n);
+          const P* pr = pp + b * n;
+          const X* xr = xp + b * n;
+          double sse = 0.0;  // double across the sample: deterministic, thread-count independent
+          auto term = [&](int64_t i, float e) {
+            const float x = static_cast<float>(xr[i]);
+            const float tgt = target == 0 ? e : (target == 1 ? e - x : x);
+            const float d = static_cast<float>(pr[i]) - tgt;
+            sse += static_cast<double>(d) * d;
+            if (gp) gp[b * n + i] = static_cast<P>(d * gscale);
+          };
+          if (target == 2) {
+            for (int64_t i = 0; i < n; ++i) term(i, 0.0f);  // x0 target: no eps needed
+          } else {
+            for_each_eps<X>(n, static_cast<uint32_t>(b), c, u0, u1, term);
+          }
+          perp[b] = static_cast<float>(sse / static_cast<double>(n)) * w;
+        }
+      });
+    });
+  });
+  return {per, grad};
+}
+
+}  // namespace speed_kernels
