@@ -13,7 +13,8 @@ from speed_kernels import _ext, reference, rng
 from speed_kernels import tables as tb
 from speed_kernels.schedules import NoiseSchedule
 
-REQUIRE = os.environ.get("SPEED_KERNELS_REQUIRE_EXT") == "1"
+# SPEED_KERNELS_REQUIRE_ALL=1 (CI) requires every component, the extension included
+REQUIRE = os.environ.get("SPEED_KERNELS_REQUIRE_EXT") == "1" or os.environ.get("SPEED_KERNELS_REQUIRE_ALL") == "1"
 
 
 @pytest.fixture(autouse=True)

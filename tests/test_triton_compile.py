@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
-nvidia = pytest.importorskip("triton.backends.nvidia")
+from required import missing, require_module
+
+require_module("triton")
+nvidia = require_module("triton.backends.nvidia")
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(
-    not (Path(nvidia.__file__).parent / "bin" / "ptxas").exists(), reason="Triton's wheel ships no ptxas here"
-)
 def test_all_triton_kernels_compile_for_sm90():
+    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").exists():
+        missing("ptxas", "Triton's wheel ships no ptxas here")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DTYPES"] = "bf16"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"), env.get("PYTHONPATH", "")])

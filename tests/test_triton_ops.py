@@ -15,8 +15,10 @@ from speed_kernels import reference, rng
 from speed_kernels.schedules import NoiseSchedule
 from speed_kernels.tables import ROW_SQRT_AB, TARGETS, build_tables
 
-triton = pytest.importorskip("triton")
-tb_mod = pytest.importorskip("speed_kernels.ops.triton_backend")
+from required import require_module  # noqa: E402  (skip, or fail under SPEED_KERNELS_REQUIRE_ALL=1)
+
+triton = require_module("triton")
+tb_mod = require_module("speed_kernels.ops.triton_backend")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 T = 1000
