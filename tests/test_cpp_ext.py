@@ -30,6 +30,31 @@ def _ops():
     return torch.ops.speed_kernels
 
 
+def _cpu_has_avx2_fma() -> bool:
+    """From /proc/cpuinfo, independently of the extension's own detection."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.fixture(params=["native", "generic"])
+def isa(request, monkeypatch):
+    """Run a test on the loop variant the CPU picks (AVX2+FMA where it has them) and on the
+    portable one (SPEED_KERNELS_CPU_ISA=generic), and check the extension really took it."""
+    from speed_kernels import _C
+
+    if request.param == "generic":
+        monkeypatch.setenv("SPEED_KERNELS_CPU_ISA", "generic")
+        assert _C.cpu_isa() == "generic"
+    else:
+        monkeypatch.delenv("SPEED_KERNELS_CPU_ISA", raising=False)
+        assert _C.cpu_isa() == ("avx2" if _cpu_has_avx2_fma() else "generic")
+    return request.param
+
+
 def _cpp():
     return _ext.backend("cpp")
 
@@ -158,7 +183,7 @@ SHAPES = [(5, 3, 7, 5), (4, 3, 32, 32), (3, 1, 1, 3), (2, 4, 9, 8)]
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("given_t", [False, True])
-def test_noise_matches_reference(shape, dtype, given_t):
+def test_noise_matches_reference(shape, dtype, given_t, isa):
     tab = make_tables()
     k0, k1 = KEYS
     g = torch.Generator().manual_seed(4)
@@ -237,7 +262,7 @@ def _inputs(target, learn_sigma, dtype=torch.float32, shape=(9, 3, 7, 5), seed=0
 
 @pytest.mark.parametrize("reduce_mean", [True, False])
 @pytest.mark.parametrize("target,learn_sigma", CASES)
-def test_loss_and_grad_match_reference(target, learn_sigma, reduce_mean):
+def test_loss_and_grad_match_reference(target, learn_sigma, reduce_mean, isa):
     pred, x0, t, tab, k0, k1, call = _inputs(target, learn_sigma)
     p_ref = pred.clone().requires_grad_()
     p_cpp = pred.clone().requires_grad_()
@@ -292,7 +317,7 @@ def test_learned_sigma_t0_nll_gradient_per_sample():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("target,learn_sigma", CASES)
-def test_low_precision_inputs(dtype, target, learn_sigma):
+def test_low_precision_inputs(dtype, target, learn_sigma, isa):
     """fp16/bf16 in, fp32 arithmetic: the loss as accurate as fp32; the gradient rounded once."""
     pred, x0, t, tab, k0, k1, call = _inputs(target, learn_sigma, dtype=dtype, seed=1)
     p_ref, p_cpp = pred.clone().requires_grad_(), pred.clone().requires_grad_()
@@ -334,7 +359,7 @@ def test_low_precision_no_worse_than_eager(dtype):
     assert err_c <= 2 * err_e
 
 
-def test_mixed_dtypes_bf16_pred_fp32_x0():
+def test_mixed_dtypes_bf16_pred_fp32_x0(isa):
     """autocast: the model outputs bf16 while the latents stay fp32."""
     pred, x0, t, tab, k0, k1, call = _inputs(0, True, seed=4)
     pred = pred.to(torch.bfloat16)
@@ -369,7 +394,13 @@ def test_no_grad_path_writes_no_gradient():
 
 
 def test_results_do_not_depend_on_threads_or_isa(monkeypatch):
+    from speed_kernels import _C
+
     pred, x0, t, tab, k0, k1, call = _inputs(0, True, shape=(16, 4, 16, 16))
+    monkeypatch.delenv("SPEED_KERNELS_CPU_ISA", raising=False)
+    # the "fast" side below is the AVX2 variant wherever the CPU has it (else this compares the
+    # portable loops with themselves and proves nothing about the AVX2 ones)
+    assert _C.cpu_isa() == ("avx2" if _cpu_has_avx2_fma() else "generic")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
