@@ -180,8 +180,9 @@ class DiffusionLoss:
         if t.device != x0.device:
             raise ValueError(f"t is on {t.device} but x0 is on {x0.device}")
         if self.check_inputs and (t.device.type == "cpu" or backend_name == "torch"):
-            bad = t[(t < 0) | (t >= self.T)]
-            if bad.numel():
+            lo, hi = torch.aminmax(t)  # one pass; the bad values are listed only on failure
+            if int(lo) < 0 or int(hi) >= self.T:
+                bad = t[(t < 0) | (t >= self.T)]
                 shown = bad[:8].tolist()
                 raise ValueError(
                     f"t must lie in [0, {self.T - 1}], got out-of-range values {shown}"
