@@ -41,9 +41,11 @@ def compile_(fn, sig, consts, warps, label):
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}")
 
 which = sys.argv[1] if len(sys.argv) > 1 else "all"
-# DTYPES=bf16 (say) limits the element types, for a quicker check (CI)
-for dt in os.environ.get("DTYPES", "fp32,bf16").split(","):
-    if which in ("all", "noise"):
+# DTYPES=bf16 (say) limits the element types, for a quicker check (CI). "bf16-fp32": the loss
+# kernel with a bf16 pred (and gradient) and fp32 x0, as bf16 autocast feeds it.
+for dt_spec in os.environ.get("DTYPES", "fp32,bf16,bf16-fp32").split(","):
+    dt, xdt = dt_spec.split("-") if "-" in dt_spec else (dt_spec, dt_spec)
+    if which in ("all", "noise") and xdt == dt:
         for has_t, mirror, ticket, even in [(False, False, True, True), (False, True, True, False), (True, False, True, True),
                                             (False, False, False, False)]:
             sig = dict(x0_ptr=f"*{dt}", xt_ptr=f"*{dt}", t_out_ptr="*i64", t_in_ptr="*i64", tab_ptr="*fp32",
@@ -53,7 +55,7 @@ for dt in os.environ.get("DTYPES", "fp32,bf16").split(","):
                      f"noise {dt} has_t={has_t} mirror={mirror} ticket={ticket} even={even}")
     if which in ("all", "loss"):
         for target_, ls, mode in itertools.product((0, 1, 2), (False, True), ("fwd", "fwd-sep", "fwd-none", "bwd")):
-            sig = dict(pred_ptr=f"*{dt}", x0_ptr=f"*{dt}", t_ptr="*i64", tab_ptr="*fp32", call_ptr="*i64", k0="i32", k1="i32",
+            sig = dict(pred_ptr=f"*{dt}", x0_ptr=f"*{xdt}", t_ptr="*i64", tab_ptr="*fp32", call_ptr="*i64", k0="i32", k1="i32",
                        grad_ptr=f"*{dt}", part_ptr="*fp32", gscale_ptr="*fp32", inv_batch="fp32",
                        n="i32", n_chunks="i32", T="i32", n_parts="i32",
                        loss_ptr="*fp32", terms_ptr="*fp32", scale_ptr="*fp32", call_used_ptr="*i64", ticket_ptr="*i32", B="i32")
@@ -62,7 +64,7 @@ for dt in os.environ.get("DTYPES", "fp32,bf16").split(","):
                      BLOCK=int(os.environ.get("LB", 4096)), FUSED_FINALIZE=mode in ("fwd", "fwd-none"), REDUCE_MEAN=mode in ("fwd", "fwd-sep"),
                      BLOCK_B=int(os.environ.get("BB", 4)), BLOCK_C=int(os.environ.get("BC", 128)),
                      EVEN=mode in ("fwd", "bwd"))  # and the masked variant for the other two
-            compile_(L._loss_kernel, sig, c, 8 if c["BLOCK"] >= 4096 else 4, f"loss {dt} target={target_} ls={ls} {mode} even={c['EVEN']}")
+            compile_(L._loss_kernel, sig, c, 8 if c["BLOCK"] >= 4096 else 4, f"loss {dt_spec} target={target_} ls={ls} {mode} even={c['EVEN']}")
 if which in ("all", "misc"):
     sig = dict(part_ptr="*fp32", t_ptr="*i64", tab_ptr="*fp32", loss_ptr="*fp32", terms_ptr="*fp32", scale_ptr="*fp32",
                call_ptr="*i64", call_used_ptr="*i64", B="i32", n_chunks="i32", n_parts="i32", n="i32", T="i32")

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -14,6 +15,10 @@
 namespace py = pybind11;
 
 namespace sk = speed_kernels;
+
+namespace speed_kernels {
+const char* cpu_isa_in_use();  // cpu_ops.cpp
+}
 
 namespace {
 
@@ -55,6 +60,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox4x32", &philox4x32, "Philox4x32-10 output words for counter (c0..c3) and key (k0, k1)");
   m.def("fold_key", &fold_key, "(k0, k1) of seed ^ (rank * golden ratio)");
   m.def("group_normals", &group_normals, "the four normals of element group g (C++ header path)");
+  m.def("cpu_isa", [] { return std::string(sk::cpu_isa_in_use()); },
+        "the CPU loop variant the ops run now: 'avx2' or 'generic' (SPEED_KERNELS_CPU_ISA=generic forces it)");
 #if defined(__x86_64__) && defined(__GNUC__)
   m.attr("cpu_avx2") = py::bool_(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
 #else

@@ -532,4 +532,8 @@ at::Tensor loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& p
   return grad;
 }
 
+// The loop variant the ops pick now, "avx2" or "generic" (read by _C.cpu_isa() so the tests can
+// check that the fast path is really the one they compare with the portable one).
+const char* cpu_isa_in_use() { return use_avx2() ? "avx2" : "generic"; }
+
 }  // namespace speed_kernels

@@ -44,7 +44,11 @@ class DiffusionLoss:
         auto_update: let `loss()` feed per-sample losses to a dynamic strategy (importance
             sampling). Distributed trainers set False and call `update_strategy` with gathered
             losses.
-        check_inputs: validate a given t's range (one host sync). Off for CUDA-graph capture.
+        check_inputs: validate a given t's range on the host (CPU tensors; on CUDA only for the
+            torch reference, which cannot index out of range safely: one host sync there). On
+            CUDA the triton and cuda kernels never sync for it: they clamp the table index (no
+            out-of-bounds read) and return NaN (x_t, loss, gradient) for a sample whose t is
+            outside [0, T). Off for CUDA-graph capture.
         strategy_params: keyword arguments for `strategies.get` when `strategy` is a name.
     """
 
@@ -89,6 +93,8 @@ class DiffusionLoss:
         self.pivot = int(self.strategy.pivot(schedule)) if self.strategy.mirror else 0
         self._last_terms: torch.Tensor | None = None
         self.last_t: torch.Tensor | None = None
+        # the latest noise() draw, which loss() must score: (x0 shape, t returned, t given)
+        self._draw: tuple | None = None
 
     # ----------------------------------------------------------------- tables
     def _build_host_tables(self) -> torch.Tensor:
@@ -166,7 +172,11 @@ class DiffusionLoss:
         if x0.shape[0] == 0 or x0.numel() == 0:
             raise ValueError(f"x0 is empty: shape {tuple(x0.shape)}")
 
-    def _check_t(self, t, x0) -> torch.Tensor:
+    def _check_t(self, t, x0, backend_name: str | None = None) -> torch.Tensor:
+        """The one validation of t for noise() and loss(), whatever the backend: an integer
+        tensor (TypeError), shape (B,) on x0's device, values in [0, T) (ValueError naming them).
+        The range is checked on the host for CPU tensors; on CUDA only for the torch reference
+        (a host sync): the CUDA kernels clamp the index and poison the sample with NaN instead."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"t must be an int64 tensor, got {type(t).__name__}")
         if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -175,10 +185,15 @@ class DiffusionLoss:
             raise ValueError(f"t must have shape ({x0.shape[0]},) to match x0, got {tuple(t.shape)}")
         if t.device != x0.device:
             raise ValueError(f"t is on {t.device} but x0 is on {x0.device}")
-        if self.check_inputs:
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= self.T:
-                raise ValueError(f"t must lie in [0, {self.T - 1}], got values in [{lo}, {hi}]")
+        if self.check_inputs and (t.device.type == "cpu" or backend_name in ("torch", "torch-fast")):
+            lo, hi = torch.aminmax(t)  # one pass; the bad values are listed only on failure
+            if int(lo) < 0 or int(hi) >= self.T:
+                bad = t[(t < 0) | (t >= self.T)]
+                shown = bad[:8].tolist()
+                raise ValueError(
+                    f"t must lie in [0, {self.T - 1}], got out-of-range values {shown}"
+                    + (f" (and {bad.numel() - 8} more)" if bad.numel() > 8 else "")
+                )
         return t.to(torch.int64)
 
     def _check_pred(self, pred, x0) -> None:
@@ -199,8 +214,9 @@ class DiffusionLoss:
         in x0's dtype. With `noise` given, that tensor is the eps (plain-PyTorch path, the RNG
         counter does not move); pass the same tensor to `loss`."""
         self._check_x0(x0)
+        t_given = t
         if t is not None:
-            t = self._check_t(t, x0)
+            t = self._check_t(t, x0, self.backend(x0.device, x0.dtype).name if noise is None else "torch")
         if self.strategy.dynamic:
             self.refresh_tables()
         tab = self.tables(x0.device)
@@ -217,11 +233,13 @@ class DiffusionLoss:
             xf = x0.float() if x0.dtype != torch.float64 else x0
             shape = (-1,) + (1,) * (x0.dim() - 1)
             x_t = tab[0][t].to(xf.dtype).view(shape) * xf + tab[1][t].to(xf.dtype).view(shape) * noise.to(xf.dtype)
+            self._draw = (tuple(x0.shape), t, t_given)
             return x_t.to(x0.dtype), t
         call = self._counter(x0.device)
         mirror = bool(self.strategy.mirror) and t is None
         x_t, t = self.backend(x0.device, x0.dtype).noise(x0, t, tab, self.k0, self.k1, call, mirror, self.pivot)
         self.step += 1
+        self._draw = (tuple(x0.shape), t, t_given)
         return x_t, t
 
     def loss(self, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, reduction: str = "mean", noise=None):
@@ -233,10 +251,10 @@ class DiffusionLoss:
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         self._check_x0(x0)
         self._check_pred(pred, x0)
-        if not isinstance(t, torch.Tensor) or t.shape != (x0.shape[0],) or t.device != x0.device:
-            raise ValueError(f"t must be a tensor of shape ({x0.shape[0]},) on {x0.device}")
-        if t.dtype != torch.int64:
-            t = t.to(torch.int64)
+        t_arg = t
+        t = self._check_t(t, x0, "torch" if noise is not None else self.backend(x0.device, pred.dtype).name)
+        if noise is None:
+            self._check_draw(x0, t_arg)
         tab = self.tables(x0.device)
         reduce_mean = reduction == "mean"
         if noise is not None:
@@ -256,6 +274,24 @@ class DiffusionLoss:
         if self.strategy.dynamic and self.auto_update:
             self.update_strategy(t, self.unweighted_losses(t, terms))
         return out
+
+    def _check_draw(self, x0, t) -> None:
+        """loss() regenerates the eps of the latest noise() call: refuse to score another batch or
+        a t that is not that draw's (identity of the tensor noise() returned or was given: no
+        device sync, no data read)."""
+        if self._draw is None:
+            return  # no noise() yet (or restored state): the RuntimeError below says so
+        shape, t_out, t_in = self._draw
+        if tuple(x0.shape) != shape:
+            raise ValueError(
+                f"loss() scores the latest noise() draw, which was for x0 of shape {shape}; got x0 of shape "
+                f"{tuple(x0.shape)} (call noise() on this batch first)"
+            )
+        if t is not t_out and t is not t_in and t.data_ptr() not in (t_out.data_ptr(), -1 if t_in is None else t_in.data_ptr()):
+            raise ValueError(
+                "loss() scores the latest noise() draw: t must be the tensor that noise() returned (or was "
+                "given); this t is another tensor (call noise() again, or pass the returned t)"
+            )
 
     @property
     def last_terms(self) -> dict:

@@ -1,6 +1,10 @@
 """Test set-up. Without a GPU the Triton kernels run through the interpreter, which must be
 switched on before any kernel module is imported."""
 import os
+import sys
+
+# tests/required.py (skip-or-fail helpers) importable from every test module, tests/train too
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 try:
     import torch

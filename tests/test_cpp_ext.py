@@ -13,7 +13,8 @@ from speed_kernels import _ext, reference, rng
 from speed_kernels import tables as tb
 from speed_kernels.schedules import NoiseSchedule
 
-REQUIRE = os.environ.get("SPEED_KERNELS_REQUIRE_EXT") == "1"
+# SPEED_KERNELS_REQUIRE_ALL=1 (CI) requires every component, the extension included
+REQUIRE = os.environ.get("SPEED_KERNELS_REQUIRE_EXT") == "1" or os.environ.get("SPEED_KERNELS_REQUIRE_ALL") == "1"
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +28,31 @@ def _need_extension():
 
 def _ops():
     return torch.ops.speed_kernels
+
+
+def _cpu_has_avx2_fma() -> bool:
+    """From /proc/cpuinfo, independently of the extension's own detection."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.fixture(params=["native", "generic"])
+def isa(request, monkeypatch):
+    """Run a test on the loop variant the CPU picks (AVX2+FMA where it has them) and on the
+    portable one (SPEED_KERNELS_CPU_ISA=generic), and check the extension really took it."""
+    from speed_kernels import _C
+
+    if request.param == "generic":
+        monkeypatch.setenv("SPEED_KERNELS_CPU_ISA", "generic")
+        assert _C.cpu_isa() == "generic"
+    else:
+        monkeypatch.delenv("SPEED_KERNELS_CPU_ISA", raising=False)
+        assert _C.cpu_isa() == ("avx2" if _cpu_has_avx2_fma() else "generic")
+    return request.param
 
 
 def _cpp():
@@ -44,6 +70,25 @@ def make_tables(target=0, learn_sigma=False, seed=0, zeros=True):
         probs[100:130] = 0.0  # flat CDF stretches: ties in the inverse-CDF search
     weights = torch.rand(T, generator=g, dtype=torch.float64) + 0.25
     return tb.build_tables(SCHED, probs, weights, tb.TARGETS[target], learn_sigma)
+
+
+def assert_per_sample(ours, ref32, ref64, what, rel_floor=2e-5, abs_floor=2 * torch.finfo(torch.float32).eps):
+    """Per sample (per t), the design's rule against float64: |ours - ref64| <= 2 |ref32 - ref64|
+    + rel_floor |ref64| + abs_floor (float32's -1 + lv + exp(-lv) of O(1) terms rounds to ~eps in
+    absolute terms, whatever the size of the KL). A max-normalised error would let the t = 0 NLL (~1.5 bits) set the scale
+    and hide a 1 % error in a KL of 1e-3; per sample it cannot, and where float32 itself cancels
+    (the tiny KL at t = T-1) the reference's own error widens the bound for that sample only."""
+    ours, ref32, ref64 = ours.detach().double().cpu(), ref32.detach().double().cpu(), ref64.detach().double().cpu()
+    err = (ours - ref64).abs()
+    bound = 2 * (ref32 - ref64).abs() + rel_floor * ref64.abs() + abs_floor
+    bad = (err > bound).nonzero().flatten().tolist()
+    assert not bad, f"{what}: samples {bad} off by {err[bad].tolist()} (bound {bound[bad].tolist()})"
+
+
+def per_sample_relerr(a, b):
+    """Largest over samples of max |a_i - b_i| / max |b_i| (each sample on its own scale)."""
+    a, b = a.detach().double().flatten(1).cpu(), b.detach().double().flatten(1).cpu()
+    return ((a - b).abs().amax(1) / b.abs().amax(1).clamp(min=1e-30)).max().item()
 
 
 def relerr(a, b):
@@ -138,7 +183,7 @@ SHAPES = [(5, 3, 7, 5), (4, 3, 32, 32), (3, 1, 1, 3), (2, 4, 9, 8)]
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("given_t", [False, True])
-def test_noise_matches_reference(shape, dtype, given_t):
+def test_noise_matches_reference(shape, dtype, given_t, isa):
     tab = make_tables()
     k0, k1 = KEYS
     g = torch.Generator().manual_seed(4)
@@ -217,7 +262,7 @@ def _inputs(target, learn_sigma, dtype=torch.float32, shape=(9, 3, 7, 5), seed=0
 
 @pytest.mark.parametrize("reduce_mean", [True, False])
 @pytest.mark.parametrize("target,learn_sigma", CASES)
-def test_loss_and_grad_match_reference(target, learn_sigma, reduce_mean):
+def test_loss_and_grad_match_reference(target, learn_sigma, reduce_mean, isa):
     pred, x0, t, tab, k0, k1, call = _inputs(target, learn_sigma)
     p_ref = pred.clone().requires_grad_()
     p_cpp = pred.clone().requires_grad_()
@@ -229,6 +274,12 @@ def test_loss_and_grad_match_reference(target, learn_sigma, reduce_mean):
     assert relerr(terms_cpp[0], terms_ref[0]) < 2e-5
     if learn_sigma:
         assert relerr(terms_cpp[1], terms_ref[1]) < 2e-5
+        p64 = pred.double().requires_grad_()
+        l64, terms64 = reference.loss(p64, x0.double(), t, tab, k0, k1, call, target, True, reduce_mean)
+        assert_per_sample(terms_cpp[1], terms_ref[1], terms64[1], "VLB")
+        assert_per_sample(terms_cpp[0], terms_ref[0], terms64[0], "MSE")
+        if not reduce_mean:
+            assert_per_sample(l_cpp, l_ref, l64, "per-sample loss")
     else:
         assert torch.equal(terms_cpp[1], torch.zeros_like(terms_cpp[1]))
     g = torch.rand(l_ref.shape, generator=torch.Generator().manual_seed(9)) + 0.5
@@ -247,6 +298,8 @@ def test_loss_and_grad_match_reference(target, learn_sigma, reduce_mean):
         err_ref = (p_ref.grad.double() - p64.grad).abs().max().item() / scale
         assert err_cpp <= 2 * err_ref + 2e-6, (err_cpp, err_ref)
         assert relerr(p_cpp.grad, p_ref.grad) < 1e-4
+        # each sample's gradient on its own scale (t >= 1: no ill-conditioned NLL there)
+        assert per_sample_relerr(p_cpp.grad[t > 0], p_ref.grad[t > 0]) < 2e-5
 
 
 def test_learned_sigma_t0_nll_gradient_per_sample():
@@ -264,7 +317,7 @@ def test_learned_sigma_t0_nll_gradient_per_sample():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("target,learn_sigma", CASES)
-def test_low_precision_inputs(dtype, target, learn_sigma):
+def test_low_precision_inputs(dtype, target, learn_sigma, isa):
     """fp16/bf16 in, fp32 arithmetic: the loss as accurate as fp32; the gradient rounded once."""
     pred, x0, t, tab, k0, k1, call = _inputs(target, learn_sigma, dtype=dtype, seed=1)
     p_ref, p_cpp = pred.clone().requires_grad_(), pred.clone().requires_grad_()
@@ -306,7 +359,7 @@ def test_low_precision_no_worse_than_eager(dtype):
     assert err_c <= 2 * err_e
 
 
-def test_mixed_dtypes_bf16_pred_fp32_x0():
+def test_mixed_dtypes_bf16_pred_fp32_x0(isa):
     """autocast: the model outputs bf16 while the latents stay fp32."""
     pred, x0, t, tab, k0, k1, call = _inputs(0, True, seed=4)
     pred = pred.to(torch.bfloat16)
@@ -341,7 +394,13 @@ def test_no_grad_path_writes_no_gradient():
 
 
 def test_results_do_not_depend_on_threads_or_isa(monkeypatch):
+    from speed_kernels import _C
+
     pred, x0, t, tab, k0, k1, call = _inputs(0, True, shape=(16, 4, 16, 16))
+    monkeypatch.delenv("SPEED_KERNELS_CPU_ISA", raising=False)
+    # the "fast" side below is the AVX2 variant wherever the CPU has it (else this compares the
+    # portable loops with themselves and proves nothing about the AVX2 ones)
+    assert _C.cpu_isa() == ("avx2" if _cpu_has_avx2_fma() else "generic")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

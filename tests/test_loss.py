@@ -59,10 +59,14 @@ def independent_loss(pred, x0, t, eps, sched, weights, prediction, learn_sigma):
 CASES = [(p, ls) for p in ("eps", "v", "x0") for ls in (False, True)]
 
 
+STRATEGIES = ["uniform", "speed", "p2"]
+
+
 @pytest.mark.parametrize("prediction,learn_sigma", CASES)
-@pytest.mark.parametrize("strategy", ["uniform", "speed", "p2"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_loss_and_grad_match_float64(prediction, learn_sigma, strategy):
-    torch.manual_seed(hash((prediction, learn_sigma, strategy)) % 1000)
+    # a fixed integer per case (hash() of a str is salted per process: data would change every run)
+    torch.manual_seed(100 * CASES.index((prediction, learn_sigma)) + STRATEGIES.index(strategy))
     sched = NoiseSchedule.linear()
     fn = DiffusionLoss(sched, strategy, prediction=prediction, learn_sigma=learn_sigma, backend="torch", seed=123)
     B, C = 6, 3
@@ -276,3 +280,38 @@ def test_torch_backend_on_cuda_matches_cpu(strategy):
     torch.testing.assert_close(xg.cpu(), xc, rtol=1e-5, atol=1e-5)
     pred = torch.randn_like(x0)
     torch.testing.assert_close(gpu.loss(pred.cuda(), x0.cuda(), tg).cpu(), cpu.loss(pred, x0, tc), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prediction,learn_sigma", [("eps", False), ("v", True)])
+def test_low_precision_inputs_on_the_torch_backend(dtype, prediction, learn_sigma):
+    """fp16/bf16 x0 and pred on the plain-PyTorch backend: x_t in the input dtype, rounded once
+    from the float64 value; the loss computed in float32 (float32-accurate on the rounded
+    inputs); the gradient in pred's dtype, one rounding of the float64 gradient."""
+    sched = NoiseSchedule.linear()
+    fn = DiffusionLoss(sched, "speed", prediction=prediction, learn_sigma=learn_sigma, backend="torch", seed=31)
+    g = torch.Generator().manual_seed(13)
+    B, C = 6, 2
+    x0 = (torch.rand(B, C, 4, 4, generator=g) * 2 - 1).to(dtype)
+    t = torch.tensor([1, 50, 219, 500, 800, 999])
+    x_t, t_out = fn.noise(x0, t)
+    assert x_t.dtype == dtype
+    eps = rng.normal_per_element(B, C * 16, torch.tensor(0), fn.k0, fn.k1).view(B, C, 4, 4)
+    ab = sched.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    x_t64 = ab.sqrt() * x0.double() + (1 - ab).sqrt() * eps.double()
+    ulp = torch.finfo(dtype).eps
+    assert ((x_t.double() - x_t64).abs() <= ulp * x_t64.abs() + 1e-6).all()
+    target = {"eps": eps, "v": ab.float().sqrt() * eps - (1 - ab.float()).sqrt() * x0.float()}[prediction]
+    out = target + 0.05 * torch.randn(B, C, 4, 4, generator=g)
+    pred = torch.cat([out, torch.rand(B, C, 4, 4, generator=g) * 2 - 1], 1) if learn_sigma else out
+    pred = pred.to(dtype).requires_grad_()
+    loss = fn.loss(pred, x0, t_out)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert pred.grad.dtype == dtype
+    p64 = pred.detach().double().requires_grad_()
+    ref = independent_loss(p64, x0, t, eps, sched, fn.weights_table, prediction, learn_sigma).mean()
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-4 if learn_sigma else 2e-5, atol=1e-6)
+    g64 = p64.grad
+    assert ((pred.grad.double() - g64).abs() <= ulp * g64.abs() + 1e-4 * g64.abs().max()).all()

@@ -20,8 +20,10 @@ SMOKE = os.environ.get("SPEED_GPU_SMOKE") == "1" and not torch.cuda.is_available
 if not SMOKE:
     pytestmark = pytest.mark.gpu
 
-triton = pytest.importorskip("triton")
-tb_mod = pytest.importorskip("speed_kernels.ops.triton_backend")
+from required import require_module  # noqa: E402  (skip, or fail under SPEED_KERNELS_REQUIRE_ALL=1)
+
+triton = require_module("triton")
+tb_mod = require_module("speed_kernels.ops.triton_backend")
 
 DEV = "cpu" if SMOKE else "cuda"
 T = 1000

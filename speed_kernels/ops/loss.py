@@ -29,6 +29,11 @@ an earlier backward (torch.autograd.grad with retain_graph) shares that buffer.
 Reduction "none" computes the gradient in backward with the per-sample grad_output, by the same
 kernel in gradient-only mode.
 
+t outside [0, T): no host check on CUDA (it would sync); the kernels clamp the table index (never
+an out-of-bounds read) and return NaN for that sample's loss terms and gradient (and so for the
+batch mean), as the cuda backend does. speed_kernels.loss.DiffusionLoss checks on the host for
+CPU tensors.
+
 Learned sigma (DiT / guided-diffusion hybrid): loss = w[t] * MSE(out) + VLB, VLB per element =
 KL(q(x_{t-1}|x_t, x0) || N(mean_model, exp(logvar_model))) with mean_model computed from the
 detached `out` (through x0_hat = a x_t + b out, the mean difference formed as c_x0 (x0 - x0_hat))
@@ -160,6 +165,11 @@ def _loss_kernel(
         x = tl.zeros_like(out)
 
     t = tl.load(t_ptr + b)
+    # t outside [0, T) (not checked on the host on CUDA: that would sync): clamp the table index
+    # (no out-of-bounds read) and poison this sample's partial sums and gradient with NaN.
+    bad = (t < 0) | (t >= T)
+    t = tl.where(bad, 0, t)
+    poison = tl.where(bad, float("nan"), 0.0)
     sab = tl.load(tab_ptr + ROW_SQRT_AB * T + t)
     s1mab = tl.load(tab_ptr + ROW_SQRT_1MAB * T + t)
     if NEED_EPS:
@@ -200,15 +210,16 @@ def _loss_kernel(
             vb = tl.where(mask, vb, 0.0)
 
     if COMPUTE_LOSS:
-        tl.store(part_ptr + pid, tl.sum(diff * diff, axis=0))
+        tl.store(part_ptr + pid, tl.sum(diff * diff, axis=0) + poison)
         if LEARN_SIGMA:
-            tl.store(part_ptr + n_parts + pid, tl.sum(vb, axis=0))
+            tl.store(part_ptr + n_parts + pid, tl.sum(vb, axis=0) + poison)
 
     if WRITE_GRAD:
         if PER_SAMPLE_SCALE:
             s = tl.load(gscale_ptr + b)
         else:
             s = inv_batch
+        s = s + poison
         inv_n = 1.0 / (n * 1.0)  # n may be a constexpr (n == 1 is specialised)
         w = tl.load(tab_ptr + ROW_WEIGHT * T + t)
         g_out = diff * (2.0 * w * inv_n * s)
@@ -257,7 +268,8 @@ def _finalize_body(
                 vbs += tl.sum(tl.load(part_ptr + n_parts + idx, mask=m, other=0.0, cache_modifier=".cg"), axis=1)
             c0 += BLOCK_C
         t = tl.load(t_ptr + bs, mask=bm, other=0)
-        w = tl.load(tab_ptr + ROW_WEIGHT * T + t, mask=bm, other=0.0)
+        bad = (t < 0) | (t >= T)  # clamped index; the partial sums already carry the NaN
+        w = tl.load(tab_ptr + ROW_WEIGHT * T + tl.where(bad, 0, t), mask=bm, other=0.0)
         mse = (sse / n_f) * w
         vb = (vbs / n_f) * INV_LN2
         per = mse + vb

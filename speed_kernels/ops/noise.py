@@ -1,5 +1,7 @@
 """Noise op: draw t (inverse CDF of the strategy's table, optional SpeeD mirror, or a given t),
 draw eps from Philox (never stored), write x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps and t.
+A given t outside [0, T) is not checked here (no host sync on CUDA): its table index is clamped
+(no out-of-bounds read) and its x_t is NaN, as in the cuda backend.
 
 One launch, flat grid over (sample, chunk): program p handles elements
 [c*BLOCK, (c+1)*BLOCK) of sample b = p // n_chunks. Every program of a sample recomputes its t
@@ -151,8 +153,13 @@ def _noise_kernel(
     call_u32 = P.as_u32(call)
     eps = _eps_block(start, b, call_u32, key0, key1, BLOCK)
 
+    bad = False
     if HAS_T:
+        # A given t outside [0, T) (not checked on the host on CUDA: that would sync): clamp the
+        # table index (never an out-of-bounds read) and make this sample's x_t NaN.
         t = tl.load(t_in_ptr + b)
+        bad = (t < 0) | (t >= T)
+        t = tl.where(bad, 0, t)
     else:
         if MIRROR:
             src = tl.where(b < n_draw, b, b - n_draw)
@@ -164,8 +171,12 @@ def _noise_kernel(
             t = tl.where(b < n_draw, t, tl.abs(t - pivot))
     sab = tl.load(tab_ptr + ROW_SQRT_AB * T + t)
     s1mab = tl.load(tab_ptr + ROW_SQRT_1MAB * T + t)
+    if HAS_T:
+        sab = tl.where(bad, float("nan"), sab)
     xt = sab * x + s1mab * eps
     store_as(xt_ptr + base + offs, xt, mask, EVEN)
+    if HAS_T:
+        t = tl.load(t_in_ptr + b)  # the given value, out of range or not (as the cuda backend)
     tl.store(t_out_ptr + b, t, mask=c == 0)
     if TICKET:
         # Advance the counter in this launch: the program that takes the last ticket knows every

@@ -167,9 +167,21 @@ def test_dit_adapter_weights_only_the_mse_term_for_speed(batch):
     torch.testing.assert_close(got["loss"], w * ref["mse"] + ref["vb"], rtol=2e-5, atol=2e-6)
 
 
-def test_dit_adapter_internal_noise_is_consistent_and_resumable():
-    """noise=None: eps from the loss object's stream; the loss regenerates the same eps as x_t used."""
-    d = create_speed_diffusion(strategy="uniform", learn_sigma=False, backend="torch", seed=3)
+def _backend_or_skip(backend):
+    from speed_kernels.backends import _LOAD_ERRORS, _try_load
+
+    from required import missing
+
+    if _try_load(backend) is None:
+        missing(f"the {backend} backend", _LOAD_ERRORS.get(backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_dit_adapter_internal_noise_is_consistent_and_resumable(backend):
+    """noise=None: eps from the loss object's stream; the loss regenerates the same eps as x_t used
+    (cpp: the compiled kernels draw and regenerate it)."""
+    _backend_or_skip(backend)
+    d = create_speed_diffusion(strategy="uniform", learn_sigma=False, backend=backend, seed=3)
     x0 = torch.rand(4, 2, 4, 4) * 2 - 1
     t = d.sample_timesteps(4, "cpu")
     seen = {}
@@ -185,9 +197,60 @@ def test_dit_adapter_internal_noise_is_consistent_and_resumable():
     torch.testing.assert_close(out["mse"], (eps**2).mean((1, 2, 3)), rtol=1e-4, atol=1e-5)
     state = d.state_dict()
     t_next = d.sample_timesteps(64, "cpu")
-    d2 = create_speed_diffusion(strategy="uniform", learn_sigma=False, backend="torch", seed=99)
+    d2 = create_speed_diffusion(strategy="uniform", learn_sigma=False, backend=backend, seed=99)
     d2.load_state_dict(state)
     assert torch.equal(d2.sample_timesteps(64, "cpu"), t_next)
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_dit_adapter_on_the_cpp_backend_equals_the_torch_backend(batch, learn_sigma):
+    """The adapter through a compiled kernel backend: the same losses and model gradients as
+    through the plain-PyTorch one, with the adapter's own eps (noise=None) and with given noise."""
+    _backend_or_skip("cpp")
+    x0, noise, t, y = batch
+    out = {}
+    for backend in ("torch", "cpp"):
+        torch.manual_seed(0)
+        model = TinyDiTLike(x0.shape[1], learn_sigma)
+        d = create_speed_diffusion(strategy="speed", learn_sigma=learn_sigma, backend=backend, seed=21)
+        assert d.loss_fn.backend(x0.device).name == backend
+        own = d.training_losses(model, x0, t, dict(y=y))
+        given = d.training_losses(model, x0, t, dict(y=y), noise=noise)
+        (own["loss"].mean() + given["loss"].mean()).backward()
+        out[backend] = (own, given, [p.grad.clone() for p in model.parameters()])
+    for k in out["torch"][0]:
+        torch.testing.assert_close(out["cpp"][0][k], out["torch"][0][k], rtol=2e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(out["cpp"][1][k], out["torch"][1][k], rtol=2e-5, atol=1e-6, msg=k)
+    for a, b in zip(out["cpp"][2], out["torch"][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _official_speed_fraction_below_tau(n, k=5, tau=700, T=1000, pivot=642):
+    """P(t < tau) per draw under the official SpeeD sampler, from its definition (not from the
+    library): p(t) = k for t < tau, 1 after, normalised; the first n//2 + 1 steps are drawn, the
+    rest are |t - pivot| of the first ones (pivot 642 on the linear schedule). Returns the drawn
+    half's probability, the mirrored half's, and n_draw."""
+    p_low = k * tau / (k * tau + (T - tau))
+    ts = torch.arange(T, dtype=torch.float64)
+    probs = torch.where(ts < tau, torch.tensor(float(k), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    probs /= probs.sum()
+    p_mirror = probs[(ts - pivot).abs() < tau].sum().item()
+    return p_low, p_mirror, n // 2 + 1
+
+
+def _assert_speed_draw(t, n):
+    """The exact fraction below tau within 4.5 binomial standard deviations, per half and in all:
+    k = 4 (0.9032 drawn) or a lost mirror (0.921 in all) is > 10 sd away at n = 2^16."""
+    p_low, p_mirror, n_draw = _official_speed_fraction_below_tau(n)
+    drawn, mirrored = t[:n_draw], t[n_draw:]
+    sd = math.sqrt(p_low * (1 - p_low) / n_draw)
+    frac = (drawn < 700).double().mean().item()
+    assert abs(frac - p_low) < 4.5 * sd, f"drawn half: {frac:.5f} below tau, expected {p_low:.5f} +- {4.5 * sd:.5f}"
+    assert torch.equal(mirrored, (drawn[: n - n_draw] - 642).abs()), "the second half is not the mirror |t - 642|"
+    want = (n_draw * p_low + (n - n_draw) * p_mirror) / n
+    sd_all = math.sqrt(n_draw * p_low * (1 - p_low)) / n  # the mirrored half is a function of the drawn one
+    got = (t < 700).double().mean().item()
+    assert abs(got - want) < 4.5 * sd_all + 1.0 / n, f"{got:.5f} below tau, expected {want:.5f} (0.9605 for k=5)"
 
 
 def test_dit_sample_timesteps_follow_the_strategy():
@@ -195,8 +258,10 @@ def test_dit_sample_timesteps_follow_the_strategy():
     t = d.sample_timesteps(4096, "cpu")
     assert t.dtype == torch.int64 and t.shape == (4096,)
     assert 0 <= int(t.min()) and int(t.max()) < 1000
-    # official SpeeD (k=5, tau=700, mirrored half batch): about 96% of steps below tau, vs 70% uniform
+    # official SpeeD (k=5, tau=700, mirrored half batch): 96.05% of steps below tau, vs 70% uniform
     assert (t < 700).float().mean() > 0.9
+    n = 1 << 16
+    _assert_speed_draw(d.sample_timesteps(n, "cpu"), n)
     step = d.loss_fn.step
     d.training_losses(lambda x, tt: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:]), torch.zeros(2, 1, 2, 2), t[:2])
     assert d.loss_fn.step == step  # only sample_timesteps advances the strategy's step
@@ -285,6 +350,8 @@ def test_diffusers_helper_sampling_and_errors():
     assert helper.prediction_type == "epsilon" and helper.num_train_timesteps == 1000
     t = helper.sample_timesteps(2048, "cpu")
     assert t.shape == (2048,) and (t < 700).float().mean() > 0.9
+    n = 1 << 16
+    _assert_speed_draw(helper.sample_timesteps(n, "cpu"), n)
     with pytest.raises(ValueError, match="prediction_type"):
         DiffusersLoss(config, prediction_type="flow")
     with pytest.raises(ValueError, match="beta_schedule"):

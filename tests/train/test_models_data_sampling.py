@@ -1,4 +1,5 @@
 """Models (shapes, configs), datasets and their order, samplers."""
+import math
 import os
 
 import numpy as np
@@ -206,6 +207,144 @@ def test_samplers_recover_the_data_with_an_exact_denoiser(prediction, sampler):
     x = S.sample(model, sched, (5, 1, 4, 4), sampler=sampler, steps=20, prediction=prediction,
                  learn_sigma=model.learn_sigma, seed=1)
     assert torch.allclose(x, c.expand_as(x), atol=1e-3)
+
+
+class _TwoPointOracle(torch.nn.Module):
+    """The exact denoiser (posterior mean of x0 given x_t) of the two-point data set {c, -c}."""
+
+    def __init__(self, c, ac, prediction, learn_sigma=False):
+        super().__init__()
+        self.c, self.prediction, self.learn_sigma = c.double(), prediction, learn_sigma
+        self.register_buffer("ac", ac.double())
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, y=None):
+        a = self.ac[t].view(-1, 1, 1, 1)
+        xd = x.double()
+        # log-likelihood of x_t under each point: -|x_t - sqrt(a) c_k|^2 / (2 (1 - a))
+        ll = torch.stack([-((xd - a.sqrt() * k * self.c) ** 2).flatten(1).sum(1) for k in (1, -1)], 1)
+        w = torch.softmax(ll / (2 * (1 - a.view(-1, 1))), dim=1)
+        x0 = (w[:, 0] - w[:, 1]).view(-1, 1, 1, 1) * self.c
+        eps = (xd - a.sqrt() * x0) / (1 - a).sqrt()
+        out = {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.prediction]
+        if self.learn_sigma:
+            out = torch.cat([out, torch.zeros_like(out)], 1)
+        return out.float()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_land_on_the_data_of_a_two_point_set(prediction, sampler):
+    """With the exact denoiser of {c, -c} every sample ends on one of the two points and both
+    occur: unlike one-point data, the final step cannot return the right x0 whatever came before."""
+    sched = _schedule()
+    c = torch.linspace(-0.8, 0.8, 16).view(1, 1, 4, 4)
+    model = _TwoPointOracle(c, sched.alphas_cumprod, prediction, learn_sigma=sampler == "ddpm")
+    x = S.sample(model, sched, (16, 1, 4, 4), sampler=sampler, steps=25, prediction=prediction,
+                 learn_sigma=model.learn_sigma, seed=4)
+    d_plus = (x - c).flatten(1).abs().amax(1)
+    d_minus = (x + c).flatten(1).abs().amax(1)
+    assert (torch.minimum(d_plus, d_minus) < 1e-3).all(), torch.minimum(d_plus, d_minus)
+    assert (d_plus < 1e-3).any() and (d_minus < 1e-3).any()
+
+
+class _Recorder(torch.nn.Module):
+    """A fixed smooth function of (x, t) (prediction channels, and variance values in (-1, 1)
+    with learned sigma) that records every input it sees."""
+
+    def __init__(self, C, learn_sigma):
+        super().__init__()
+        g = torch.Generator().manual_seed(17)
+        self.a = torch.randn(1, C, 4, 4, generator=g) * 0.3
+        self.b = torch.randn(1, C, 4, 4, generator=g)
+        self.learn_sigma = learn_sigma
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x, t, y=None):
+        self.seen.append((x.clone(), t.clone()))
+        ph = (t.float() / 300.0).view(-1, 1, 1, 1)
+        out = self.a * x + 0.5 * self.b * torch.sin(ph)
+        if self.learn_sigma:
+            out = torch.cat([out, torch.tanh(self.b * x + torch.cos(ph))], 1)
+        return out
+
+
+def _independent_step(x, out, C, s_now, s_prev, ac, sampler, prediction, learn_sigma, clip, noise):
+    """One reverse step written from the definitions, in float64: x0 and eps from the prediction;
+    DDIM (eta = 0) moves along eps; DDPM draws from the Gaussian posterior q(x_prev | x_t, x0)
+    obtained by conditioning (precision = 1/(1 - ab_prev) + alpha/beta), with the model variance
+    exp(f log beta + (1 - f) log beta~) (learned range, beta~ at the first step replaced by the
+    second's) or beta~ (fixed small). s_now / s_prev: original step indices (s_prev None: last)."""
+    x = x.double()
+    out = out.double()
+    a = float(ac[s_now])
+    a_prev = float(ac[s_prev]) if s_prev is not None else 1.0
+    pred = out[:, :C]
+    if prediction == "eps":
+        x0 = (x - math.sqrt(1 - a) * pred) / math.sqrt(a)
+    elif prediction == "v":
+        x0 = math.sqrt(a) * x - math.sqrt(1 - a) * pred
+    else:
+        x0 = pred
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+    if sampler == "ddim":
+        return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    if s_prev is None:
+        return x0  # the posterior at the last step is a point mass at x0
+    alpha = a / a_prev  # the respaced step's 1 - beta
+    beta = 1 - alpha
+    prec = 1 / (1 - a_prev) + alpha / beta
+    var = 1 / prec
+    mean = var * (math.sqrt(a_prev) * x0 / (1 - a_prev) + math.sqrt(alpha) * x / beta)
+    if learn_sigma:
+        f = (out[:, C:].clamp(-1, 1) + 1) / 2
+        logvar = f * math.log(beta) + (1 - f) * math.log(var)
+        std = torch.exp(0.5 * logvar)
+    else:
+        std = math.sqrt(var)
+    return mean + std * noise.double()
+
+
+CHAIN_CASES = [("ddim", "eps", False, True), ("ddim", "v", False, False), ("ddpm", "eps", False, False),
+               ("ddpm", "eps", True, False), ("ddpm", "v", True, True), ("ddpm", "x0", True, False)]
+
+
+@pytest.mark.parametrize("sampler,prediction,learn_sigma,clip", CHAIN_CASES)
+def test_every_sampler_step_matches_an_independent_step(sampler, prediction, learn_sigma, clip):
+    """Each intermediate step of the respaced chain (the x the model sees next) against a step
+    written from the definitions; the respacing (which original t the model sees) too."""
+    sched = _schedule()
+    ac = sched.alphas_cumprod.double()
+    T, steps, shape, seed = 1000, 7, (3, 2, 4, 4), 9
+    model = _Recorder(shape[1], learn_sigma)
+    final = S.sample(model, sched, shape, sampler=sampler, steps=steps, prediction=prediction,
+                     learn_sigma=learn_sigma, clip=clip, seed=seed)
+    use = sorted({int(round(i * (T - 1) / (steps - 1))) for i in range(steps)})  # evenly spaced, 0 and T-1
+    seen_t = [int(t[0]) for _, t in model.seen]
+    assert seen_t == use[::-1]
+    gen = torch.Generator().manual_seed(seed)
+    x_first = torch.randn(shape, generator=gen)
+    torch.testing.assert_close(model.seen[0][0], x_first)
+    xs = [x for x, _ in model.seen] + [final]
+    for k, s_now in enumerate(use[::-1]):
+        s_prev = use[::-1][k + 1] if k + 1 < len(use) else None
+        noise = torch.randn(shape, generator=gen) if (sampler == "ddpm" and s_prev is not None) else None
+        out = _Recorder.forward(_Silent(model), xs[k], model.seen[k][1])
+        want = _independent_step(xs[k], out, shape[1], s_now, s_prev, ac, sampler, prediction, learn_sigma, clip, noise)
+        got = xs[k + 1].double()
+        if s_prev is None and clip:
+            want = want.clamp(-1, 1)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"step t={s_now} -> {s_prev}")
+
+
+class _Silent:
+    """The recorder's parameters without the recording (to recompute a prediction)."""
+
+    def __init__(self, m):
+        self.a, self.b, self.learn_sigma, self.seen = m.a, m.b, m.learn_sigma, []
 
 
 def test_respace_and_seeding():
