@@ -46,24 +46,21 @@ which = sys.argv[1] if len(sys.argv) > 1 else "all"
 for dt_spec in os.environ.get("DTYPES", "fp32,bf16,bf16-fp32").split(","):
     dt, xdt = dt_spec.split("-") if "-" in dt_spec else (dt_spec, dt_spec)
     if which in ("all", "noise") and xdt == dt:
-        for has_t, mirror, ticket, even in [(False, False, True, True), (False, True, True, False), (True, False, True, True),
-                                            (False, False, False, False)]:
+        for has_t, mirror, even in [(False, False, True), (False, True, False), (True, False, True), (False, False, False)]:
             sig = dict(x0_ptr=f"*{dt}", xt_ptr=f"*{dt}", t_out_ptr="*i64", t_in_ptr="*i64", tab_ptr="*fp32",
-                       call_ptr="*i64", ticket_ptr="*i32", k0="i32", k1="i32", pivot="i32", n_draw="i32",
-                       n="i32", n_chunks="i32", T="i32", n_programs="i32")
-            compile_(N._noise_kernel, sig, dict(HAS_T=has_t, MIRROR=mirror, NITER=10, BLOCK=4096, TICKET=ticket, EVEN=even), 8,
-                     f"noise {dt} has_t={has_t} mirror={mirror} ticket={ticket} even={even}")
+                       call_ptr="*i64", k0="i32", k1="i32", pivot="i32", n_draw="i32",
+                       n="i32", n_chunks="i32", T="i32")
+            compile_(N._noise_kernel, sig, dict(HAS_T=has_t, MIRROR=mirror, NITER=10, BLOCK=4096, EVEN=even), 8,
+                     f"noise {dt} has_t={has_t} mirror={mirror} even={even}")
     if which in ("all", "loss"):
-        for target_, ls, mode in itertools.product((0, 1, 2), (False, True), ("fwd", "fwd-sep", "fwd-none", "bwd")):
+        for target_, ls, mode in itertools.product((0, 1, 2), (False, True), ("fwd", "fwd-nograd", "bwd")):
             sig = dict(pred_ptr=f"*{dt}", x0_ptr=f"*{xdt}", t_ptr="*i64", tab_ptr="*fp32", call_ptr="*i64", k0="i32", k1="i32",
                        grad_ptr=f"*{dt}", part_ptr="*fp32", gscale_ptr="*fp32", inv_batch="fp32",
-                       n="i32", n_chunks="i32", T="i32", n_parts="i32",
-                       loss_ptr="*fp32", terms_ptr="*fp32", scale_ptr="*fp32", call_used_ptr="*i64", ticket_ptr="*i32", B="i32")
+                       n="i32", n_chunks="i32", T="i32", n_parts="i32")
             c = dict(TARGET=target_, LEARN_SIGMA=ls, CALL_OFFSET=1 if mode != "bwd" else 0,
-                     COMPUTE_LOSS=mode != "bwd", WRITE_GRAD=mode in ("fwd", "fwd-sep", "bwd"), PER_SAMPLE_SCALE=mode == "bwd",
-                     BLOCK=int(os.environ.get("LB", 4096)), FUSED_FINALIZE=mode in ("fwd", "fwd-none"), REDUCE_MEAN=mode in ("fwd", "fwd-sep"),
-                     BLOCK_B=int(os.environ.get("BB", 4)), BLOCK_C=int(os.environ.get("BC", 128)),
-                     EVEN=mode in ("fwd", "bwd"))  # and the masked variant for the other two
+                     COMPUTE_LOSS=mode != "bwd", WRITE_GRAD=mode in ("fwd", "bwd"), PER_SAMPLE_SCALE=mode == "bwd",
+                     BLOCK=int(os.environ.get("LB", 4096)),
+                     EVEN=mode in ("fwd", "bwd"))  # and the masked variant for the other one
             compile_(L._loss_kernel, sig, c, 8 if c["BLOCK"] >= 4096 else 4, f"loss {dt_spec} target={target_} ls={ls} {mode} even={c['EVEN']}")
 if which in ("all", "misc"):
     sig = dict(part_ptr="*fp32", t_ptr="*i64", tab_ptr="*fp32", loss_ptr="*fp32", terms_ptr="*fp32", scale_ptr="*fp32",

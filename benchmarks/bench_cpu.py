@@ -1,4 +1,5 @@
-"""CPU benchmark of the loss path: the fused `cpp` backend against plain eager PyTorch.
+"""CPU benchmark of the loss path: our backends (the fused `cpp`, the `torch-fast` fallback) against
+plain eager PyTorch.
 
 One training step's loss path without the model: draw t, draw eps, q_sample, the weighted
 per-sample MSE, the batch mean, backward to `pred`. Side by side in one run, interleaved repeat by
@@ -8,10 +9,14 @@ repeat (so background load hits both sides alike), median and p20/p80 over the r
   SpeeD's mirrored half batch as the official code does it; randn_like; gathers of the schedule;
   mean_flat; weights[t]; mean; backward);
 * cpp:   DiffusionLoss(..., backend="cpp"): the noise op (t, eps and x_t in one pass) and the loss op
-  (eps regenerated from the counter, loss and gradient in one pass), backward = one scale.
+  (eps regenerated from the counter, loss and gradient in one pass), backward = one scale;
+* torch-fast: DiffusionLoss(..., backend="torch-fast"), the fallback where no kernel backend
+  loads (plain PyTorch ops, torch's generator); `--impls eager,cpp,torch-fast,torch` adds the
+  bit-exact reference too.
 
     python benchmarks/bench_cpu.py                      # both shapes, uniform and SpeeD
     python benchmarks/bench_cpu.py --repeats 10 --shapes 64x3x64x64
+    python benchmarks/bench_cpu.py --threads 1 --shapes 4x4x8x8,64x3x64x64 --host-shapes ""
 
 Writes benchmarks/results/cpu_<host>.md and .csv (cpu_<host>_t<N> with --threads N) with the
 machine, versions, date, command and the load average (the numbers move with background load).
@@ -34,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from speed_kernels import DiffusionLoss, NoiseSchedule, strategies  # noqa: E402
+from speed_kernels.backends import numerics_env  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -86,8 +92,9 @@ def eager_step_factory(sched: NoiseSchedule, strategy_name: str, x0: torch.Tenso
     return step
 
 
-def fused_step_factory(sched: NoiseSchedule, strategy_name: str, x0: torch.Tensor, pred: torch.Tensor):
-    fn = DiffusionLoss(sched, strategy_name, prediction="eps", backend="cpp", seed=0)
+def fused_step_factory(sched: NoiseSchedule, strategy_name: str, x0: torch.Tensor, pred: torch.Tensor,
+                       backend: str = "cpp"):
+    fn = DiffusionLoss(sched, strategy_name, prediction="eps", backend=backend, seed=0)
 
     def step():
         x_t, t = fn.noise(x0)
@@ -99,29 +106,44 @@ def fused_step_factory(sched: NoiseSchedule, strategy_name: str, x0: torch.Tenso
     return step, fn
 
 
-def bench(shape, strategy_name, repeats, warmup, dtype=torch.float32):
+def _steps(sched, strategy_name, x0, pred, impls):
+    """{impl: step function}: "eager" is plain PyTorch, anything else a DiffusionLoss backend."""
+    steps = {}
+    for name in impls:
+        if name == "eager":
+            steps[name] = eager_step_factory(sched, strategy_name, x0, pred)
+        else:
+            steps[name], fn = fused_step_factory(sched, strategy_name, x0, pred, backend=name)
+            chosen = fn.backend(x0.device).name
+            assert chosen == name, f"DiffusionLoss picked {chosen!r} for {name!r}: the extension is not built?"
+    return steps
+
+
+def _interleaved(steps, repeats, block=1):
+    """Seconds per step of each impl, the impls rotated repeat by repeat so load hits all alike."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            f = steps[name]
+            t0 = time.perf_counter()
+            for _ in range(block):
+                f()
+            times[name].append((time.perf_counter() - t0) / block)
+    return times
+
+
+def bench(shape, strategy_name, repeats, warmup, impls, dtype=torch.float32):
     sched = NoiseSchedule.linear()
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(shape, generator=g).to(dtype)
     pred = torch.randn(shape, generator=g).to(dtype).requires_grad_()
-    eager = eager_step_factory(sched, strategy_name, x0, pred)
-    fused, fn = fused_step_factory(sched, strategy_name, x0, pred)
-    chosen = fn.backend(x0.device).name
-    assert chosen == "cpp", f"DiffusionLoss picked {chosen!r}, the extension is not built?"
+    steps = _steps(sched, strategy_name, x0, pred, impls)
     for _ in range(warmup):
-        eager()
-        fused()
-    times = {"eager": [], "cpp": []}
-    for r in range(repeats):
-        order = ("eager", "cpp") if r % 2 == 0 else ("cpp", "eager")
-        for name in order:
-            f = eager if name == "eager" else fused
-            t0 = time.perf_counter()
+        for f in steps.values():
             f()
-            times[name].append(time.perf_counter() - t0)
     rows = []
-    for name, ts in times.items():
-        ts = sorted(ts)
+    for name, ts in _interleaved(steps, repeats).items():
         q = statistics.quantiles(ts, n=5)
         rows.append(
             {
@@ -135,16 +157,15 @@ def bench(shape, strategy_name, repeats, warmup, dtype=torch.float32):
                 "repeats": repeats,
             }
         )
-    speedup = rows[0]["median_ms"] / rows[1]["median_ms"]
     for r in rows:
         r["speedup_vs_eager"] = rows[0]["median_ms"] / r["median_ms"]
-    return rows, speedup
+    return rows
 
 
-def host_rows(shapes, strategy_name, repeats, block=50):
+def host_rows(shapes, strategy_name, repeats, impls, block=50):
     """Host time per step at tiny shapes on one thread: where the step is all interpreter and
-    dispatcher overhead. Each repeat times `block` consecutive steps (timer resolution), ours and
-    plain PyTorch alternating repeat by repeat; microseconds per step."""
+    dispatcher overhead. Each repeat times `block` consecutive steps (timer resolution), the impls
+    alternating repeat by repeat; microseconds per step."""
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
@@ -154,21 +175,12 @@ def host_rows(shapes, strategy_name, repeats, block=50):
             g = torch.Generator().manual_seed(0)
             x0 = torch.randn(shape, generator=g)
             pred = torch.randn(shape, generator=g).requires_grad_()
-            eager = eager_step_factory(sched, strategy_name, x0, pred)
-            fused, _ = fused_step_factory(sched, strategy_name, x0, pred)
+            steps = _steps(sched, strategy_name, x0, pred, impls)
             for _ in range(block):
-                eager()
-                fused()
-            times = {"eager": [], "cpp": []}
-            for r in range(repeats):
-                for name in (("eager", "cpp") if r % 2 == 0 else ("cpp", "eager")):
-                    f = eager if name == "eager" else fused
-                    t0 = time.perf_counter()
-                    for _ in range(block):
-                        f()
-                    times[name].append((time.perf_counter() - t0) / block)
+                for f in steps.values():
+                    f()
             out = {}
-            for name, ts in times.items():
+            for name, ts in _interleaved(steps, repeats, block).items():
                 q = statistics.quantiles(ts, n=5)
                 out[name] = (statistics.median(ts) * 1e6, q[0] * 1e6, q[3] * 1e6)
             rows.append(("x".join(map(str, shape)), strategy_name, out))
@@ -188,8 +200,13 @@ def main(argv=None):
     ap.add_argument("--host-shapes", default="4x4x8x8,64x4x8x8",
                     help="shapes of the host-time-per-step rows (one thread); empty: skip them")
     ap.add_argument("--host-repeats", type=int, default=40, help="repeats (of 50 steps each) per host row")
+    ap.add_argument("--impls", default="eager,cpp,torch-fast",
+                    help="eager (plain PyTorch) first, then DiffusionLoss backends: cpp, torch-fast, torch")
     args = ap.parse_args(argv)
 
+    impls = [i for i in args.impls.split(",") if i]
+    if not impls or impls[0] != "eager":
+        raise SystemExit("--impls must start with eager (the baseline every ratio is taken against)")
     if args.threads:
         torch.set_num_threads(args.threads)
     host = socket.gethostname().split(".")[0] or "host"
@@ -198,23 +215,19 @@ def main(argv=None):
     for shape_s in args.shapes.split(","):
         shape = tuple(int(s) for s in shape_s.split("x"))
         for strat in args.strategies.split(","):
-            rows, speedup = bench(shape, strat, args.repeats, args.warmup)
+            rows = bench(shape, strat, args.repeats, args.warmup, impls)
             all_rows += rows
-            e, c = rows
-            print(
-                f"{shape_s:>14} {strat:>8}: eager {e['median_ms']:8.2f} ms  cpp {c['median_ms']:8.2f} ms"
-                f"  speed-up {speedup:5.2f}x",
-                flush=True,
-            )
+            print(f"{shape_s:>14} {strat:>8}: " + "  ".join(
+                f"{r['impl']} {r['median_ms']:8.2f} ms ({r['speedup_vs_eager']:4.2f}x)" for r in rows), flush=True)
     hrows = []
     if args.host_shapes:
         hshapes = [tuple(int(v) for v in s.split("x")) for s in args.host_shapes.split(",")]
         for strat in args.strategies.split(","):
-            hrows += host_rows(hshapes, strat, args.host_repeats)
+            hrows += host_rows(hshapes, strat, args.host_repeats, impls)
         for shape_s, strat, out in hrows:
-            e, c = out["eager"], out["cpp"]
-            print(f"host/step {shape_s:>10} {strat:>8}: eager {e[0]:7.1f} us  cpp {c[0]:7.1f} us"
-                  f"  ratio {c[0] / e[0]:4.2f}", flush=True)
+            e = out["eager"][0]
+            print(f"host/step {shape_s:>10} {strat:>8}: " + "  ".join(
+                f"{n} {v[0]:7.1f} us ({v[0] / e:4.2f})" for n, v in out.items()), flush=True)
     load_after = os.getloadavg()
 
     os.makedirs(args.out, exist_ok=True)
@@ -229,11 +242,12 @@ def main(argv=None):
 
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     lines = [
-        "# CPU loss path: fused `cpp` backend vs eager PyTorch",
+        "# CPU loss path: our backends vs eager PyTorch",
         "",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
         f" ({'AVX2+FMA kernels' if _ext.available()['cpu_avx2'] else 'generic kernels'})",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
+        f"- SPEED_* environment: {numerics_env() or 'none'}",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- command: `{cmd}`",
         f"- load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}"
@@ -241,14 +255,17 @@ def main(argv=None):
         "- step = t, eps, x_t, weighted MSE, mean, backward to pred (no model); median of "
         f"{args.repeats} interleaved repeats after {args.warmup} warm-up steps",
         "",
-        "| shape | dtype | strategy | eager ms (p20-p80) | cpp ms (p20-p80) | speed-up |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| shape | dtype | strategy | " + " | ".join(f"{i} ms (p20-p80)" for i in impls)
+        + " | " + " | ".join(f"{i} speed-up" for i in impls[1:]) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in range(2 * len(impls) - 1)) + " |",
     ]
-    for i in range(0, len(all_rows), 2):
-        e, c = all_rows[i], all_rows[i + 1]
+    for i in range(0, len(all_rows), len(impls)):
+        group = all_rows[i: i + len(impls)]
+        e = group[0]
         lines.append(
-            f"| {e['shape']} | {e['dtype']} | {e['strategy']} | {e['median_ms']:.2f} ({e['p20_ms']:.2f}-{e['p80_ms']:.2f})"
-            f" | {c['median_ms']:.2f} ({c['p20_ms']:.2f}-{c['p80_ms']:.2f}) | {c['speedup_vs_eager']:.2f}x |"
+            f"| {e['shape']} | {e['dtype']} | {e['strategy']} | "
+            + " | ".join(f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})" for r in group)
+            + " | " + " | ".join(f"{r['speedup_vs_eager']:.2f}x" for r in group[1:]) + " |"
         )
     if hrows:
         lines += [
@@ -258,13 +275,15 @@ def main(argv=None):
             f"t, eps, x_t, loss, backward; us per step, median (p20-p80) of {args.host_repeats} interleaved"
             " repeats of 50 steps each.",
             "",
-            "| shape | strategy | eager us/step | cpp us/step | cpp / eager |",
-            "| --- | --- | --- | --- | --- |",
+            "| shape | strategy | " + " | ".join(f"{i} us/step" for i in impls) + " | "
+            + " | ".join(f"{i} / eager" for i in impls[1:]) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in range(2 * len(impls) - 1)) + " |",
         ]
         for shape_s, strat, out in hrows:
-            e, c = out["eager"], out["cpp"]
-            lines.append(f"| {shape_s} | {strat} | {e[0]:.1f} ({e[1]:.1f}-{e[2]:.1f}) | {c[0]:.1f} ({c[1]:.1f}-{c[2]:.1f})"
-                         f" | {c[0] / e[0]:.2f} |")
+            e = out["eager"][0]
+            lines.append(f"| {shape_s} | {strat} | "
+                         + " | ".join(f"{v[0]:.1f} ({v[1]:.1f}-{v[2]:.1f})" for v in out.values()) + " | "
+                         + " | ".join(f"{out[n][0] / e:.2f}" for n in impls[1:]) + " |")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {base}.md and {base}.csv")

@@ -81,7 +81,7 @@ import triton  # noqa: E402
 from speed_kernels import reference, rng  # noqa: E402
 from speed_kernels import strategies as S  # noqa: E402
 from speed_kernels.backends import backends as list_backends  # noqa: E402
-from speed_kernels.backends import select  # noqa: E402
+from speed_kernels.backends import numerics_env, select  # noqa: E402
 from speed_kernels.schedules import NoiseSchedule  # noqa: E402
 from speed_kernels.tables import (  # noqa: E402
     ROW_LOG_BETA,
@@ -396,19 +396,18 @@ SWEEP_CONFIGS = [(512, 4), (1024, 4), (2048, 4), (1024, 8), (2048, 8), (4096, 8)
 
 
 def block_sweep(backend, bw):
-    """Triton (BLOCK, num_warps) and the tickets path, timed as CUDA-graph replays (device time,
+    """Triton (BLOCK, num_warps) configurations, timed as CUDA-graph replays (device time,
     not host time) for the whole loss path and for its two halves: `noise` (noise kernel +
     counter advance) and `loss` (loss kernel + reduction + backward). Informs block_config."""
     out = []
-    saved = {k: os.environ.get(k) for k in ("SPEED_TRITON_BLOCK", "SPEED_TRITON_WARPS", "SPEED_TRITON_TICKETS")}
+    saved = {k: os.environ.get(k) for k in ("SPEED_TRITON_BLOCK", "SPEED_TRITON_WARPS")}
     shapes = [tuple(int(v) for v in s.split("x")) for s in ARGS.sweep_shapes.split(",")]
     t0 = time.time()
     try:
         for shape in shapes:
             for strat in ("speed", "learned_sigma"):
                 var = Variant(shape, DTYPES["fp32"], strat)
-                configs = [(b, w, "0") for b, w in SWEEP_CONFIGS] + [(0, 0, "1")]
-                for block, warps, tickets in configs:
+                for block, warps in SWEEP_CONFIGS:
                     if time.time() - t0 > ARGS.sweep_budget_s:
                         log("sweep: time budget reached")
                         return out
@@ -417,9 +416,8 @@ def block_sweep(backend, bw):
                             os.environ[k] = str(v)
                         else:
                             os.environ.pop(k, None)
-                    os.environ["SPEED_TRITON_TICKETS"] = tickets
                     row = dict(shape="x".join(map(str, shape)), strategy=strat, block=block or "default",
-                               warps=warps or "default", tickets=tickets)
+                               warps=warps or "default")
                     try:
                         _, t_fixed = backend.noise(var.x0, None, var.tables, var.k0, var.k1, var.call, var.mirror, var.pivot)
 
@@ -541,6 +539,7 @@ def write_results(rows, sweep, bw, elapsed, quiet=False, kernels=()):
         "command": cmd.strip(),
         "commit": git_commit(),
         "copy_bandwidth_gbs": f"{bw:.0f}",
+        "SPEED_env": numerics_env() or "none",  # knobs that change numerics or launch shapes
         "elapsed_s": f"{elapsed:.0f}",
     }
     with open(base + ".csv", "w", newline="") as f:
@@ -574,12 +573,11 @@ def write_results(rows, sweep, bw, elapsed, quiet=False, kernels=()):
         )
     if sweep:
         lines += ["", "Triton configuration sweep, fp32, CUDA-graph replay, µs median: the whole step, and its "
-                  "halves (noise = noise kernel + counter advance; loss = loss kernel + reduction + backward). "
-                  "tickets = 1: the opt-in fused counter advance and reduction (SPEED_TRITON_TICKETS=1).", "",
-                  "| shape | strategy | BLOCK | warps | tickets | step µs | noise µs | loss µs | % copy bw | note |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "halves (noise = noise kernel + counter advance; loss = loss kernel + reduction + backward).", "",
+                  "| shape | strategy | BLOCK | warps | step µs | noise µs | loss µs | % copy bw | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sweep:
-            lines.append(f"| {r['shape']} | {r['strategy']} | {r['block']} | {r['warps']} | {r['tickets']} | "
+            lines.append(f"| {r['shape']} | {r['strategy']} | {r['block']} | {r['warps']} | "
                          f"{fmt(r.get('step_us'))} | {fmt(r.get('noise_us'))} | {fmt(r.get('loss_us'))} | "
                          f"{fmt(r.get('pct_copy_bw'), 0)} | {r.get('note', '')} |")
     if kernels:

@@ -26,8 +26,7 @@ TRAIN_ARGS=(--device cuda --modes eager,graph,compile --repeats 6 --steps-per-re
 # Triton interpreter, tiny shapes; nothing is measured)
 SMOKE="${SMOKE:-0}"
 BENCH_ARGS=(--compile-budget-s 35 --time-budget-s 100 --rep-ms 30)
-# knobs: SKIP_BUILD=1 (no compiled extension: its tests skip), TICKETS_TESTS=1 (the Triton GPU
-# tests again with SPEED_TRITON_TICKETS=1), BENCH_EXTRA="--dtypes fp32 ..." (appended), T_TRAIN /
+# knobs: SKIP_BUILD=1 (no compiled extension: its tests skip), BENCH_EXTRA="--dtypes fp32 ..." (appended), T_TRAIN /
 # TRAIN_BUDGET_S (seconds for bench_train), TRAIN_EXTRA="--models DiT-XL/2 --batch 128 ..." (appended)
 # shellcheck disable=SC2206
 BENCH_ARGS+=(${BENCH_EXTRA:-})
@@ -74,10 +73,6 @@ else
   # -v, not -q: if the step times out, the log still says which tests passed
   REQ=1; [ "${SKIP_BUILD:-0}" = 1 ] && REQ=0
   step tests "$T_TESTS" "$OUT/pytest_gpu.log" env SPEED_KERNELS_REQUIRE_EXT=$REQ python3 -m pytest -m gpu -v -p no:cacheprovider tests/
-  if [ "${TICKETS_TESTS:-0}" = 1 ]; then
-    step "tests-tickets?" "$T_TESTS" "$OUT/pytest_gpu_tickets.log" env SPEED_TRITON_TICKETS=1 \
-      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_triton_gpu.py
-  fi
 fi
 
 # (4) op benchmark (writes benchmarks/results/ops_<gpu>.md/.csv after every variant)

@@ -303,22 +303,17 @@ def test_gpu_over_2_31_elements():
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[-1]], ids=lambda s: "x".join(map(str, s)))
-def test_gpu_tickets_stress(shape, monkeypatch):
-    """Many back-to-back steps: the in-kernel counter advance and the last-program reduction
-    (acq_rel tickets) give exactly the counter, the same bits on a rerun, and losses equal to
-    the separate launches to rounding (their reduction tiles differ, so the summation order does;
-    with equal tiles an H100 gave equal bits, 2026-11-26)."""
-    from speed_kernels.ops.noise import tickets_for
-
+def test_gpu_counter_and_determinism_stress(shape):
+    """Many back-to-back steps: the counter is exact and a rerun from the same counter gives the
+    same bits (fixed-order reduction, no atomics in the sums)."""
     tables = make_tables("v", True)
     k0, k1 = KEY
     B, C = shape[0], shape[1]
     x0 = torch.randn(shape, device=DEV)
     pred = torch.randn(B, 2 * C, *shape[2:], device=DEV)
     steps = 3 if SMOKE else 50
-    runs = {}
-    for mode in ("1", "0", "1-again"):
-        monkeypatch.setenv("SPEED_TRITON_TICKETS", mode[0])
+    runs = []
+    for _ in range(2):
         call = counter(1000)
         out = []
         for _ in range(steps):
@@ -326,8 +321,5 @@ def test_gpu_tickets_stress(shape, monkeypatch):
             loss, terms = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 1, True, True)
             out.append(torch.cat([loss.view(1), terms.flatten()]))
         assert call.item() == 1000 + steps
-        if mode[0] == "1":
-            assert torch.equal(tickets_for(call).cpu(), torch.zeros(2, dtype=torch.int32))
-        runs[mode] = torch.stack(out)
-    assert torch.equal(runs["1"], runs["1-again"])  # deterministic
-    torch.testing.assert_close(runs["1"], runs["0"], rtol=1e-5, atol=1e-7)
+        runs.append(torch.stack(out))
+    assert torch.equal(runs[0], runs[1])

@@ -11,10 +11,8 @@ Kernel (`_loss_kernel`), same flat (sample, chunk) grid as the noise op:
     dtype, in the same pass;
   * a separate one-program `_finalize_kernel` reduces the partials in a fixed order: per-sample
     terms, the per-sample losses or the batch mean, the gradient-scale state, the call index
-    used. Deterministic run to run. With SPEED_TRITON_TICKETS=1 (opt-in) the program that takes
-    the last ticket of an acq_rel atomic counter does it instead, inside the loss kernel; it
-    agrees with the separate launch to rounding (a smaller tile sums in another order: bit-equal
-    when the tiles match, H100 2026-11-26) and measured no faster, so it stays off.
+    used. Deterministic run to run. (Folding it into the loss kernel through last-program tickets
+    measured no faster on an H100 and was removed.)
 Grid: B * ceil(n / BLOCK) programs, BLOCK = 4096 elements with 8 warps (1024 with 4 warps for a
 batch under 4M elements; see block_config): 16 (8) elements = 4 (2) Philox groups per thread.
 
@@ -81,8 +79,6 @@ from .noise import (
     load_f32,
     next_pow2,
     store_as,
-    tickets_for,
-    use_tickets,
 )
 
 LN2 = math.log(2.0)
@@ -139,11 +135,9 @@ def _loss_kernel(
     pred_ptr, x0_ptr, t_ptr, tab_ptr, call_ptr, k0, k1,
     grad_ptr, part_ptr, gscale_ptr, inv_batch,
     n, n_chunks, T, n_parts,
-    loss_ptr, terms_ptr, scale_ptr, call_used_ptr, ticket_ptr, B,
     TARGET: tl.constexpr, LEARN_SIGMA: tl.constexpr, CALL_OFFSET: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, PER_SAMPLE_SCALE: tl.constexpr,
-    BLOCK: tl.constexpr, FUSED_FINALIZE: tl.constexpr, REDUCE_MEAN: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK: tl.constexpr, EVEN: tl.constexpr,
 ):
     NEED_EPS: tl.constexpr = (TARGET != 2) or LEARN_SIGMA
     NEED_X0: tl.constexpr = (TARGET != 0) or LEARN_SIGMA
@@ -227,17 +221,6 @@ def _loss_kernel(
         if LEARN_SIGMA:
             g_v = dvb_dlv * ((max_log - min_log) * 0.5 * inv_n * INV_LN2 * s)
             store_as(grad_ptr + pbase + n + offs, g_v, mask, EVEN)
-
-    if COMPUTE_LOSS and FUSED_FINALIZE:
-        # Last-program reduction (no second launch): every program releases its partial sums
-        # through an acq_rel ticket; the program that takes the last ticket has acquired all of
-        # them, reduces in a fixed order (deterministic) and resets the ticket for the next call.
-        tl.debug_barrier()  # the partial-sum stores of this program precede its ticket
-        prev = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-        if prev == n_parts - 1:
-            _finalize_body(part_ptr, t_ptr, tab_ptr, loss_ptr, terms_ptr, scale_ptr, call_ptr, call_used_ptr,
-                           B, n_chunks, n_parts, n, T, CALL_OFFSET, LEARN_SIGMA, REDUCE_MEAN, BLOCK_B, BLOCK_C)
-            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 @triton.jit
@@ -341,9 +324,9 @@ def check_loss_inputs(pred, x0, t, tables, call, learn_sigma: bool, target: int)
         raise ValueError(f"target must be 0 (eps), 1 (v) or 2 (x0), got {target!r}")
 
 
-def _finalize_blocks(batch: int, n_chunks: int, tile: int) -> dict:
-    """Tile of the fixed-order reduction. Fused into the loss kernel the tile is small (512):
-    registers are allocated for the kernel's peak, and a big tile there would cost occupancy."""
+def _finalize_blocks(batch: int, n_chunks: int, tile: int = 4096) -> dict:
+    """Tile of the fixed-order reduction (one program): a big tile, since at 64x3x256x256 a
+    512-element tile made it ~10 us of serial loop (H100)."""
     block_c = min(tile // 4, next_pow2(n_chunks))
     block_b = max(1, min(tile // block_c, next_pow2(batch)))
     return dict(BLOCK_B=block_b, BLOCK_C=block_c)
@@ -352,8 +335,7 @@ def _finalize_blocks(batch: int, n_chunks: int, tile: int) -> dict:
 def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, packed=False, need_grad=True):
     """Forward: (loss, terms [2, B], grad (or empty), scale state [2], call index used [1]).
 
-    One launch when tickets are on (SPEED_TRITON_TICKETS=1, experimental; the default is a separate finalize
-    launch). `packed` (eager path) carves the small float32 outputs and the partial sums out of
+    Two launches: the loss kernel and the one-program finalize. `packed` (eager path) carves the small float32 outputs and the partial sums out of
     one allocation; the registered op keeps them separate (outputs of an op must not alias)."""
     pred = pred.contiguous()
     x0 = x0.contiguous()
@@ -383,27 +365,20 @@ def loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_
     call_used = torch.empty(1, dtype=torch.int64, device=dev)
     write_grad = bool(reduce_mean) and need_grad  # no gradient pass for evaluation (no_grad)
     grad = torch.empty_like(pred) if write_grad else pred.new_empty(0)
-    fused = use_tickets()
-    # A separate finalize (one program) takes a big tile: at 64x3x256x256 a 512-element tile
-    # made it ~10 us of serial loop (H100). Fused, the tile is small (registers). The order of a
-    # tl.sum follows the tile layout, so the two paths agree to rounding, not bit for bit.
-    fin = _finalize_blocks(batch, n_chunks, 512 if fused else 4096)
     _loss_kernel[(n_parts,)](
         pred, x0, t, tables, call, P.split_key(k0), P.split_key(k1),
         grad, part, t, 1.0 / batch,
         n, n_chunks, tables.shape[1], n_parts,
-        loss, terms, scale, call_used, tickets_for(call) if fused else t, batch,
         TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=1,
         COMPUTE_LOSS=True, WRITE_GRAD=write_grad, PER_SAMPLE_SCALE=False,
-        BLOCK=block, FUSED_FINALIZE=fused, REDUCE_MEAN=bool(reduce_mean), **fin, EVEN=even,
-        num_warps=warps,
+        BLOCK=block, EVEN=even, num_warps=warps,
     )
-    if not fused:
-        _finalize_kernel[(1,)](
-            part, t, tables, loss, terms, scale, call, call_used,
-            batch, n_chunks, n_parts, n, tables.shape[1],
-            CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean), **fin, num_warps=8,
-        )
+    _finalize_kernel[(1,)](
+        part, t, tables, loss, terms, scale, call, call_used,
+        batch, n_chunks, n_parts, n, tables.shape[1],
+        CALL_OFFSET=1, LEARN_SIGMA=bool(learn_sigma), REDUCE_MEAN=bool(reduce_mean),
+        **_finalize_blocks(batch, n_chunks), num_warps=8,
+    )
     return loss, terms, grad, scale, call_used
 
 
@@ -422,11 +397,9 @@ def loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_
         pred, x0, t, tables, call_used, P.split_key(k0), P.split_key(k1),
         grad, g, g, 1.0,
         n, n_chunks, tables.shape[1], batch * n_chunks,
-        g, g, g, t, t, batch,
         TARGET=int(target), LEARN_SIGMA=bool(learn_sigma), CALL_OFFSET=0,
         COMPUTE_LOSS=False, WRITE_GRAD=True, PER_SAMPLE_SCALE=True,
-        BLOCK=block, FUSED_FINALIZE=False, REDUCE_MEAN=False, BLOCK_B=16, BLOCK_C=16,
-        EVEN=even, num_warps=warps,
+        BLOCK=block, EVEN=even, num_warps=warps,
     )
     return grad
 

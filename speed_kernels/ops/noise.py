@@ -9,11 +9,9 @@ One launch, flat grid over (sample, chunk): program p handles elements
 launch or a grid-wide dependency. The call counter is read from the device tensor `call` inside
 the kernel and advanced by `call.add_(1)` after the launch (stream-ordered), so nothing syncs
 with the host and a captured CUDA graph draws fresh numbers on every replay.
-SPEED_TRITON_TICKETS=1 (opt-in) lets the kernel's last program advance the counter instead (an
-acq_rel ticket tells it all others have read it) and folds the loss reduction into the loss
-kernel. Its stress test passes (exact counter; losses equal to the separate launches, bit for bit
-when the reduction tiles match), but on an H100 it measured no faster than the separate launches
-(26.2 against 25.7 us at 256x4x32x32), so it stays opt-in.
+(An opt-in variant that advanced the counter and reduced the loss inside the kernels through
+last-program tickets measured no faster on an H100 -- 26.2 against 25.7 us at 256x4x32x32 -- and
+was removed: one path, no knob.)
 """
 from __future__ import annotations
 
@@ -33,29 +31,6 @@ ROW_SQRT_AB = tl.constexpr(ROW_SQRT_AB)
 ROW_SQRT_1MAB = tl.constexpr(ROW_SQRT_1MAB)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-_TICKETS: dict = {}
-
-
-def use_tickets() -> bool:
-    """SPEED_TRITON_TICKETS=1 (experimental, off by default): last-program tickets fold the counter
-    increment into the noise kernel and the reduction into the loss kernel."""
-    return os.environ.get("SPEED_TRITON_TICKETS", "0") == "1"
-
-
-def tickets_for(call: torch.Tensor) -> torch.Tensor:
-    """int32 [2] scratch (noise ticket, loss ticket) that belongs to a call-counter tensor.
-    Zero between launches: the last program of each launch resets its ticket. (Two launches
-    on one counter must not run concurrently on different streams -- the counter would race too.)"""
-    key = (call.device, call.data_ptr())
-    tk = _TICKETS.get(key)
-    if tk is None:
-        if len(_TICKETS) > 256:  # counters that come and go (e.g. cloned by a compiled graph)
-            _TICKETS.clear()
-        tk = torch.zeros(2, dtype=torch.int32, device=call.device)
-        _TICKETS[key] = tk
-    return tk
 
 
 def cdiv(a: int, b: int) -> int:
@@ -133,10 +108,10 @@ def store_as(ptrs, val, mask, EVEN: tl.constexpr):
 
 @triton.jit(do_not_specialize=["k0", "k1", "pivot", "n_draw"])
 def _noise_kernel(
-    x0_ptr, xt_ptr, t_out_ptr, t_in_ptr, tab_ptr, call_ptr, ticket_ptr,
-    k0, k1, pivot, n_draw, n, n_chunks, T, n_programs,
+    x0_ptr, xt_ptr, t_out_ptr, t_in_ptr, tab_ptr, call_ptr,
+    k0, k1, pivot, n_draw, n, n_chunks, T,
     HAS_T: tl.constexpr, MIRROR: tl.constexpr, NITER: tl.constexpr, BLOCK: tl.constexpr,
-    TICKET: tl.constexpr, EVEN: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // n_chunks
@@ -178,14 +153,6 @@ def _noise_kernel(
     if HAS_T:
         t = tl.load(t_in_ptr + b)  # the given value, out of range or not (as the cuda backend)
     tl.store(t_out_ptr + b, t, mask=c == 0)
-    if TICKET:
-        # Advance the counter in this launch: the program that takes the last ticket knows every
-        # program has read `call` (their reads precede their acq_rel ticket), so it may write it.
-        tl.debug_barrier()
-        prev = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-        if prev == n_programs - 1:
-            tl.store(call_ptr, call + 1)
-            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 def check_common(x0: torch.Tensor, tables: torch.Tensor, call: torch.Tensor, name: str = "x0") -> None:
@@ -231,13 +198,11 @@ def noise_launch(x0, t_in, tables, k0, k1, call, mirror, pivot):
     t = torch.empty(batch, dtype=torch.int64, device=x0c.device)
     block, warps, n_chunks, even = launch_config(n, x0c.numel())
     n_draw = batch // 2 + 1 if mirror else batch
-    fused = use_tickets()
     _noise_kernel[(batch * n_chunks,)](
-        x0c, x_t, t, t_in if t_in is not None else t, tab, call, tickets_for(call) if fused else t,
-        P.split_key(k0), P.split_key(k1), int(pivot), n_draw, n, n_chunks, T, batch * n_chunks,
+        x0c, x_t, t, t_in if t_in is not None else t, tab, call,
+        P.split_key(k0), P.split_key(k1), int(pivot), n_draw, n, n_chunks, T,
         HAS_T=t_in is not None, MIRROR=bool(mirror) and t_in is None,
-        NITER=T.bit_length(), BLOCK=block, TICKET=fused, EVEN=even, num_warps=warps,
+        NITER=T.bit_length(), BLOCK=block, EVEN=even, num_warps=warps,
     )
-    if not fused:
-        call.add_(1)
+    call.add_(1)  # stream-ordered after the launch: every program has read the counter
     return x_t, t
