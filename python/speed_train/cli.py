@@ -172,12 +172,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _add_encode_command(subparsers) -> None:
+    from .autoencoder import add_encode_command
+
+    add_encode_command(subparsers)
+
+
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a DiT / U-Net denoiser with a time-step strategy",
                               description="Train a diffusion model with SpeeD (or another strategy) on the fused loss.")
     _train_parser(p)
     p = subparsers.add_parser("sample", help="draw a sample grid from a training checkpoint")
     _sample_parser(p)
+    _add_encode_command(subparsers)
     try:
         from speed_train.compare import add_compare_command
     except ModuleNotFoundError as exc:  # compare.py not written yet; anything else is a real error
