@@ -182,3 +182,89 @@ def test_distributed_trainer_gathers_losses_for_it():
 
     assert _learns_from_losses(S.get("adaptive"))
     assert _learns_from_losses(S.combine("adaptive", "p2"))
+
+
+# ---------------------------------------------------------------------------- data-aware analysis
+from speed_kernels.analysis import areas  # noqa: E402
+from speed_kernels.data_analysis import data_areas, data_spectrum, recommend_k  # noqa: E402
+
+
+def _first_t_with_snr_below(sched, level):
+    """Independent search: the first t with SNR_t <= level, from ᾱ computed here."""
+    abar = np.cumprod(1.0 - sched.betas.numpy().astype(np.float64))
+    for t in range(sched.T):
+        if abar[t] / (1 - abar[t]) <= level:
+            return t
+    return None
+
+
+@pytest.mark.parametrize("sched", [NoiseSchedule.linear(), NoiseSchedule.cosine()], ids=lambda s: s.name)
+def test_white_unit_data_gives_the_schedule_tau_and_scaled_data_moves_it(sched):
+    rng = np.random.default_rng(0)
+    tau0 = areas(sched)["tau"]
+    # a known spectrum: one direction of variance c^2 (in a random orthonormal basis), the rest 0.01
+    d, n = 48, 20000
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    for c2 in (1.0, 30.0, 0.05):
+        std = np.full(d, 0.1)
+        std[0] = math.sqrt(c2)
+        x = (rng.standard_normal((n, d)) * std) @ q.T + 3.0  # a mean offset: ignored
+        rep = data_areas(x.reshape(n, 3, 4, 4), sched)
+        assert rep["lambda_max"] == pytest.approx(c2, rel=0.05)
+        abar = np.cumprod(1.0 - sched.betas.numpy().astype(np.float64))
+        thr = abar[tau0 - 1] / (1 - abar[tau0 - 1])
+        lo = _first_t_with_snr_below(sched, thr / (rep["lambda_max"] * (1 - 1e-9)))
+        expect = sched.T if lo is None else lo + 1
+        assert abs(rep["tau_data"] - expect) <= 1
+        if c2 == 1.0:
+            assert abs(rep["tau_data"] - tau0) <= 3  # unit top variance: the schedule's own rule
+        elif c2 > 1:
+            assert rep["tau_data"] > tau0 + min(20, (sched.T - tau0) // 2)
+        else:
+            assert rep["tau_data"] < tau0
+        assert rep["k"] == recommend_k(rep["tau_data"], sched.T)
+
+
+def test_spectrum_matches_numpy_and_power_iteration_agrees():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 30)) * np.linspace(0.1, 2.0, 30)
+    spec = data_spectrum(x)
+    ref = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
+    np.testing.assert_allclose(spec["eigenvalues"], ref, rtol=1e-10, atol=1e-12)
+    big = data_spectrum(x, max_dims=10)  # power iteration path
+    assert big["eigenvalues"] is None and big["lambda_max"] == pytest.approx(ref[0], rel=1e-6)
+    few = data_spectrum(x[:10])  # fewer examples than dimensions: Gram matrix
+    ref_few = np.sort(np.linalg.eigvalsh(np.cov(x[:10], rowvar=False)))[::-1][:10]
+    np.testing.assert_allclose(few["eigenvalues"], ref_few, rtol=1e-8, atol=1e-10)
+    # rotating the data (a change of orthonormal basis) does not change the answer
+    q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    a, b = data_areas(x, LIN), data_areas(x @ q, LIN)
+    assert a["tau_data"] == b["tau_data"] and a["lambda_max"] == pytest.approx(b["lambda_max"], rel=1e-9)
+    # information is positive and falls with t
+    assert np.all(np.diff(a["info_nats"]) <= 1e-12) and a["info_nats"][-1] >= 0
+
+
+def test_recommend_k_and_bad_data():
+    assert recommend_k(700, 1000) == 5 and recommend_k(1000, 1000) == 1 and recommend_k(850, 1000) == 3
+    with pytest.raises(ValueError, match="zero variance"):
+        data_areas(np.ones((10, 4)), LIN)
+    with pytest.raises(ValueError, match="non-finite"):
+        data_areas(np.full((10, 4), np.nan), LIN)
+    with pytest.raises(TypeError, match="data"):
+        data_areas([[1.0, 2.0]], LIN)
+    with pytest.raises(ValueError, match="at least 2"):
+        data_areas(np.ones((1, 4)), LIN)
+    with pytest.raises(TypeError, match="schedule"):
+        data_areas(np.random.rand(10, 4), "linear")
+
+
+def test_analyze_cli_reports_the_data_tau(capsys):
+    import json as _json
+
+    from speed_kernels.analysis import main
+
+    assert main(["analyze", "--data", "digits", "--json"]) == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert out["data"]["tau_schedule"] == 700 and out["data"]["tau_data"] >= 700
+    assert main(["analyze", "--data", "digits"]) == 0
+    assert "this data's tau" in capsys.readouterr().out
