@@ -11,7 +11,10 @@ from speed_train.data import load_dataset
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+    # one classifier cache for this session's autoencoder and regime tests (training it is most of their time)
+    path = tmp_path_factory.getbasetemp() / "shared-classifier-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")
