@@ -55,9 +55,9 @@ for p in (ROOT, ROOT / "python"):  # runnable from a checkout without `pip insta
 from speed_train.compare import _provenance, _safe, parse_strategies, speedup  # noqa: E402
 
 # the strategies of issue 13: uniform, SpeeD (code), SpeeD (paper), SpeeD sampling + P2 weights, P2,
-# Min-SNR, log-normal, logit-normal, importance, adaptive
+# Min-SNR, log-normal, logit-normal, importance, adaptive (both progress measures)
 STUDY_STRATEGIES = ("uniform,speed,speed:variant=paper,speed+p2,p2,min-snr,lognormal,logit-normal,"
-                    "importance,adaptive")
+                    "importance,adaptive,adaptive:relative=false")
 SAMPLERS = "ddpm-250,ddim-50"
 CSV_COLUMNS = ["regime", "strategy", "sampler", "seed", "step", "metric", "value"]
 

@@ -31,7 +31,8 @@ def test_registered_and_bad_params():
     assert S.get("adaptive").dynamic
     for kw, word in ((dict(buckets=0), "buckets"), (dict(every=0), "every"), (dict(mix=1.5), "mix"),
                      (dict(fast_steps=300, slow_steps=200), "slow_steps"), (dict(fast_steps=0), "fast_steps"),
-                     (dict(warmup_steps=-1), "warmup_steps"), (dict(unbiased="yes"), "unbiased")):
+                     (dict(warmup_steps=-1), "warmup_steps"), (dict(unbiased="yes"), "unbiased"),
+                     (dict(relative=1), "relative")):
         with pytest.raises(ValueError, match=word):
             S.get("adaptive", **kw)
     st = S.get("adaptive")
@@ -116,6 +117,11 @@ def test_averages_match_a_plain_loop():
     lp = np.maximum(np.array(slow) - np.array(fast), 0) / np.array(slow)
     expect = 0.5 * lp / lp.sum() + 0.5 / B if lp.sum() > 0 else np.full(B, 1 / B)
     np.testing.assert_allclose(sd["table"].numpy(), expect, rtol=1e-12)
+    # relative=False: the fall in loss units, recomputed from the same averages
+    st.params["relative"] = False
+    fall = np.maximum(np.array(slow) - np.array(fast), 0)
+    np.testing.assert_allclose(st.progress(), fall, rtol=1e-12)
+    st.params["relative"] = True
 
 
 def test_state_round_trip_and_resume_gives_identical_tables():
