@@ -440,6 +440,11 @@ def _run_analyze(args: argparse.Namespace) -> int:
                                           batch_size=args.batch_size))
     if args.plot:
         plot_analysis(schedule, summaries, args.plot, prediction=args.prediction)
+    data_rep = None
+    if getattr(args, "data", None):  # the data-aware convergence area (speed_kernels.data_analysis)
+        from speed_kernels.data_analysis import data_areas, format_data_report, load_data_array
+
+        data_rep = data_areas(load_data_array(args.data, getattr(args, "data_loader", None)), schedule)
     if args.json:
         out = {
             "schedule": {"name": schedule.name, "T": schedule.T, "zero_terminal_snr": schedule.zero_terminal_snr},
@@ -449,16 +454,22 @@ def _run_analyze(args: argparse.Namespace) -> int:
         }
         if args.plot:
             out["plot"] = args.plot
+        if data_rep is not None:
+            out["data"] = {"spec": args.data, **{k: v for k, v in data_rep.items() if k != "info_nats"}}
         print(json.dumps(out, indent=2, default=str))
     else:
         print(_format_table(schedule, area, summaries))
+        if data_rep is not None:
+            print("\n" + format_data_report(data_rep, args.data))
         if args.plot:
             print(f"\nplot written to {args.plot}")
     return 0
 
 
-def add_analyze_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``analyze`` on an argparse subparsers object; its ``func`` returns 0."""
+def add_analyze_command(subparsers: Any, data_loader=None) -> argparse.ArgumentParser:
+    """Register ``analyze`` on an argparse subparsers object; its ``func`` returns 0.
+    ``data_loader(spec) -> array`` reads ``--data`` dataset names (the application passes one;
+    without it only .npy/.npz files are read)."""
     p = subparsers.add_parser(
         "analyze",
         help="show the time-step areas of a schedule and what strategies do there",
@@ -487,7 +498,9 @@ def add_analyze_command(subparsers: Any) -> argparse.ArgumentParser:
                    help="batch size for the mirror's exact effective distribution (default: large-batch limit)")
     p.add_argument("--plot", metavar="FILE.png", help="write the picture to this file")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.set_defaults(func=_run_analyze)
+    p.add_argument("--data", metavar="SPEC", help="also estimate where the convergence area starts for this data "
+                   "(digits | fashion-mnist | latents:PATH | a folder | .npy/.npz) and recommend tau and k")
+    p.set_defaults(func=_run_analyze, data_loader=data_loader)
     return p
 
 

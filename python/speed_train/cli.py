@@ -206,6 +206,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _data_array(spec: str):
+    """`analyze --data SPEC`: the images (or latents) of a dataset the trainer reads, as an array."""
+    from .data import load_dataset
+
+    return load_dataset(spec, flip=False).images.numpy()
+
+
+def _add_encode_command(subparsers) -> None:
+    from .autoencoder import add_encode_command
+
+    add_encode_command(subparsers)
+
+
 def add_commands(subparsers) -> None:
     """Register train, sample and compare on a subparsers object."""
     from .compare import add_compare_command
@@ -216,13 +229,14 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("sample", help="draw a sample grid from a training checkpoint")
     _sample_parser(p)
     add_compare_command(subparsers)
+    _add_encode_command(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="speed-kernels",
                            description="SpeeD time-step sampling and weighting for diffusion training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_analyze_command(sub)
+    add_analyze_command(sub, data_loader=_data_array)
     add_commands(sub)
     return parser
 

@@ -285,8 +285,12 @@ def run_compare(
 
     t0 = time.perf_counter()
     say(f"compare: building the evaluator for {data} ({eval_samples} samples, {sampler}-{sample_steps})")
-    evaluator = Evaluator.for_dataset(data, n_samples=eval_samples, sample_steps=sample_steps, sampler=sampler,
-                                      inception=inception, device=dev)
+    if str(data).startswith("latents:"):  # samples are latents: decode them, score the images
+        from .autoencoder import latent_evaluator as for_dataset
+    else:
+        for_dataset = Evaluator.for_dataset
+    evaluator = for_dataset(data, n_samples=eval_samples, sample_steps=sample_steps, sampler=sampler,
+                            inception=inception, device=dev)
     if metric is None:
         metric = "fid" if evaluator.inception is not None else ("fd" if evaluator.classifier is not None else "mmd2")
     if metric not in evaluator.metric_names:
@@ -315,7 +319,7 @@ def run_compare(
                 x = trainer.sample(eval_samples, sampler=sampler, steps=sample_steps, seed=eval_seed)
                 scores = evaluator(x.float().cpu(), sample_steps=sample_steps, sampler=sampler)
                 if step == steps:
-                    save_grid(x[:100].cpu(), _dir / "eval_samples.png", nrow=10)
+                    save_grid(getattr(evaluator, "decode", lambda v: v)(x[:100].cpu()), _dir / "eval_samples.png", nrow=10)
                 dt = time.perf_counter() - te
                 _et[0] += dt
                 _evals.append({"step": step, **scores})

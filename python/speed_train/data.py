@@ -10,6 +10,8 @@ Sources (``load_dataset(spec)``):
 - a folder of images (recursive; PIL; shorter side resized to ``image_size`` then
   center-cropped, as ADM does). Labels come from the first-level sub-folder names when
   there are at least two of them.
+- ``latents:PATH``: the scaled latents cached by ``speed-kernels encode`` in the folder PATH
+  (speed_train.autoencoder; free-range arrays, labels of the source images, no flips).
 - a ``.npy`` / ``.npz`` file of N x C x H x W arrays, e.g. pre-encoded VAE latents. uint8
   arrays are mapped to [-1, 1]; float arrays are taken as they are (latents are already
   scaled). In an npz, images are the first of x / images / latents / arr_0 and labels the
@@ -65,14 +67,19 @@ class ImageData(torch.utils.data.Dataset):
 
 
 def dataset_names() -> list[str]:
-    return ["digits", "fashion-mnist", "<folder of images>", "<file.npy|file.npz>"]
+    return ["digits", "fashion-mnist", "latents:<encode folder>", "<folder of images>", "<file.npy|file.npz>"]
 
 
 def load_dataset(spec: str, image_size: int | None = None, flip: bool | None = None,
                  split: str = "train") -> ImageData:
     """Load a dataset by name or path (see the module docstring)."""
     key = str(spec).lower().replace("_", "-")
-    if key == "digits":
+    if str(spec).startswith("latents:"):
+        from .autoencoder import load_latents
+
+        x, y, meta = load_latents(str(spec)[len("latents:"):])
+        data = ImageData(x, y, meta["num_classes"] if y is not None else 0, f"latents-{meta['data']}", False, False)
+    elif key == "digits":
         x, y = _digits()
         data = ImageData(x, y, 10, "digits", False, True)
     elif key in ("fashion-mnist", "fashionmnist", "fmnist"):

@@ -1,0 +1,79 @@
+"""benchmarks/regimes.py: sampler parsing, the paired bootstrap, and a tiny end-to-end slice."""
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("regimes", ROOT / "benchmarks" / "regimes.py")
+regimes = importlib.util.module_from_spec(_spec)
+sys.modules["regimes"] = regimes
+_spec.loader.exec_module(regimes)
+
+
+def test_parse_samplers():
+    assert regimes.parse_samplers("ddpm-250,ddim-50") == [("ddpm", 250), ("ddim", 50)]
+    for bad in ("ddpm", "euler-10", "ddim-0", ""):
+        with pytest.raises(ValueError, match="samplers"):
+            regimes.parse_samplers(bad)
+
+
+def test_bootstrap_speedup():
+    steps = [100, 200, 300, 400]
+    u = np.array([[10, 8, 6, 5], [11, 8, 6, 5], [10, 9, 6, 5]], dtype=float)
+    lo, hi, reached = regimes.bootstrap_speedup(steps, u, u, n_boot=200)
+    assert lo == hi == 1.0 and reached == 1.0
+    # the strategy reaches 5 at step 250 in every seed: 400 / 250 = 1.6 in every resample
+    s = np.array([[9, 6, 4, 3]] * 3, dtype=float)
+    lo, hi, reached = regimes.bootstrap_speedup(steps, u, s, n_boot=200)
+    assert lo == pytest.approx(1.6) and hi == pytest.approx(1.6)
+    # a strategy that never gets there: speed-up 0, reached share 0
+    assert regimes.bootstrap_speedup(steps, u, u + 10, n_boot=50) == (0.0, 0.0, 0.0)
+    # mixed seeds: the interval spans the per-seed answers
+    s2 = np.array([[9, 6, 4, 3], [12, 11, 10, 9], [9, 6, 4, 3]], dtype=float)
+    lo, hi, reached = regimes.bootstrap_speedup(steps, u, s2, n_boot=500)
+    assert lo < 1.6 <= hi and 0 < reached < 1
+    with pytest.raises(ValueError, match="one shape"):
+        regimes.bootstrap_speedup(steps, u, s[:2])
+
+
+def test_study_needs_uniform_and_known_regimes(tmp_path):
+    with pytest.raises(ValueError, match="uniform"):
+        regimes.run_study(regimes="digits-pixel", strategies="speed", out=tmp_path, verbose=False)
+    with pytest.raises(ValueError, match="unknown regime"):
+        regimes.run_study(regimes="nope", out=tmp_path, verbose=False)
+
+
+def test_tiny_slice_writes_csv_summary_and_plots(tmp_path, tmp_path_factory, monkeypatch):
+    pytest.importorskip("sklearn")
+    cache = tmp_path_factory.getbasetemp() / "shared-classifier-cache"  # shared with test_autoencoder.py
+    cache.mkdir(exist_ok=True)
+    monkeypatch.setenv("SPEED_KERNELS_CACHE", str(cache))
+    out = tmp_path / "study"
+    summ = regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform,adaptive:warmup_steps=1,every=1",
+                             seeds="0,1", samplers="ddim-2", steps=4, eval_every=2, eval_samples=24, n_boot=50,
+                             out=out, verbose=False)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == regimes.CSV_COLUMNS
+    # 2 strategies x 2 seeds x 2 evaluations x 3 metrics (mmd2, swd, fd)
+    assert len(rows) == 24
+    assert {r["step"] for r in rows} == {"2", "4"} and {r["sampler"] for r in rows} == {"ddim-2"}
+    assert all(np.isfinite(float(r["value"])) for r in rows)
+    table = summ["regimes"]["smoke-digits-pixel"]["samplers"]["ddim-2"]
+    assert [t["strategy"] for t in table] == ["uniform", "adaptive:warmup_steps=1,every=1"]
+    assert table[0]["speedup"] == pytest.approx(1.0) or table[0]["bound"] == "?"
+    assert summ["regimes"]["smoke-digits-pixel"]["analysis"]["tau_schedule"] == 700
+    assert (out / "smoke-digits-pixel_ddim2.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| uniform |" in (out / "summary.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["meta"]["seeds"] == [0, 1]
+    # a second call reads the runs back (same settings): identical rows
+    regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform,adaptive:warmup_steps=1,every=1",
+                      seeds="0,1", samplers="ddim-2", steps=4, eval_every=2, eval_samples=24, n_boot=50,
+                      out=out, verbose=False)
+    with open(out / "results.csv") as f:
+        assert list(csv.DictReader(f)) == rows
