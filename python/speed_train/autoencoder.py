@@ -308,6 +308,15 @@ def latent_evaluator(spec: str, **kwargs) -> LatentEvaluator:
     return LatentEvaluator(Evaluator.for_dataset(ck["data"], **kwargs), model, ck["scale"], str(_folder(path)))
 
 
+def latent_decoder(spec: str):
+    """``latents -> images`` for ``latents:PATH`` (the cached decoder behind the latent scale), so
+    sample grids of a latent run show images rather than latent channels."""
+    path = spec[len("latents:"):] if spec.startswith("latents:") else spec
+    model, ck = load_autoencoder(path)
+    scale = float(ck["scale"])
+    return lambda z: _batched(model.decode, z.detach().to("cpu", torch.float32) / scale, 512)
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 

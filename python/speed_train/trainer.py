@@ -593,6 +593,12 @@ class Trainer:
         nrow = self.num_classes if self.num_classes and self.num_classes <= 16 else None
         n = self.cfg.sample_n if nrow is None else -(-self.cfg.sample_n // nrow) * nrow  # whole rows
         x = self.sample(n, seed=self.cfg.seed)
+        if str(self.cfg.data).startswith("latents:"):  # show images, not latent channels
+            if getattr(self, "_decode", None) is None:
+                from .autoencoder import latent_decoder
+
+                self._decode = latent_decoder(self.cfg.data)
+            x = self._decode(x).clamp(-1, 1)
         path = save_grid(x, self.out / "samples" / f"step_{self.step:07d}.png", nrow=nrow)
         save_grid(x, self.out / "samples.png", nrow=nrow)
         self.last_grid = str(self.out / "samples.png")

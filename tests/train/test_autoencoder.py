@@ -117,3 +117,24 @@ def test_latents_source_trains_and_the_evaluator_decodes(encoded, cache, monkeyp
         tr.close()
     assert s["steps"] == 3 and np.isfinite(s["final_loss"])
     assert tr.model_args["in_channels"] == 4 and tr.model_args["image_size"] == 4
+
+
+def test_latent_run_grids_show_decoded_images(encoded, tmp_path):
+    """Sample grids of a latent run are the decoder's images (1 channel, 8x8 digits), not 4 latent channels."""
+    from PIL import Image
+
+    from speed_train.trainer import TrainConfig, Trainer
+
+    out, _ = encoded
+    tr = Trainer(TrainConfig(data=f"latents:{out}", model="DiT-tiny", strategy="uniform", steps=1, batch_size=8,
+                             device="cpu", out=str(tmp_path / "run"), sample_n=4, sample_steps=2, progress=False,
+                             ckpt_every=0, class_cond=False))
+    try:
+        tr.run()
+    finally:
+        tr.close()
+    decode = ae.latent_decoder(f"latents:{out}")
+    imgs = decode(torch.zeros(2, 4, 4, 4))
+    assert imgs.shape == (2, 1, 8, 8)
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples.png"))
+    assert grid.ndim == 2  # one grey channel: decoded digits (latents would show three of their 4 channels)
