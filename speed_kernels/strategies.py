@@ -498,6 +498,20 @@ class LogitNormal(Strategy):
         return _normal_cell_mass((logit - self.params["mean"]) / self.params["std"])
 
 
+def _loss_pairs(t, per_sample_losses) -> tuple:
+    """(t int64, losses float64) host arrays of one update() call of a loss-learning strategy,
+    checked: equal lengths, finite losses."""
+    tt = (t.detach().to("cpu", torch.int64).numpy() if isinstance(t, torch.Tensor)
+          else np.asarray(t, dtype=np.int64)).reshape(-1)
+    ll = (per_sample_losses.detach().to("cpu", torch.float64).numpy() if isinstance(per_sample_losses, torch.Tensor)
+          else np.asarray(per_sample_losses, dtype=np.float64)).reshape(-1)
+    if tt.shape != ll.shape:
+        raise ValueError(f"t and per_sample_losses must have the same length, got {tt.shape[0]} and {ll.shape[0]}")
+    if not np.all(np.isfinite(ll)):
+        raise ValueError("per_sample_losses must be finite")
+    return tt, ll
+
+
 class Importance(Strategy):
     """Loss-aware importance sampling (improved-diffusion's LossSecondMomentResampler).
 
@@ -532,14 +546,7 @@ class Importance(Strategy):
 
     def update(self, t: Any, per_sample_losses: Any, T: int | None = None) -> None:
         """Record losses. ``T`` is needed only before the first table was built (else inferred)."""
-        tt = (t.detach().to("cpu", torch.int64).numpy() if isinstance(t, torch.Tensor)
-              else np.asarray(t, dtype=np.int64)).reshape(-1)
-        ll = (per_sample_losses.detach().to("cpu", torch.float64).numpy() if isinstance(per_sample_losses, torch.Tensor)
-              else np.asarray(per_sample_losses, dtype=np.float64)).reshape(-1)
-        if tt.shape != ll.shape:
-            raise ValueError(f"t and per_sample_losses must have the same length, got {tt.shape[0]} and {ll.shape[0]}")
-        if not np.all(np.isfinite(ll)):
-            raise ValueError("per_sample_losses must be finite")
+        tt, ll = _loss_pairs(t, per_sample_losses)
         if T is not None:
             self._ensure(int(T))
         if self._state_T is None:
@@ -829,14 +836,7 @@ class Adaptive(Strategy):
     def update(self, t: Any, per_sample_losses: Any, T: int | None = None) -> None:
         """One training step's (t, unweighted loss) pairs (all ranks' in a distributed run).
         ``T`` is needed only before the first table was built."""
-        tt = (t.detach().to("cpu", torch.int64).numpy() if isinstance(t, torch.Tensor)
-              else np.asarray(t, dtype=np.int64)).reshape(-1)
-        ll = (per_sample_losses.detach().to("cpu", torch.float64).numpy() if isinstance(per_sample_losses, torch.Tensor)
-              else np.asarray(per_sample_losses, dtype=np.float64)).reshape(-1)
-        if tt.shape != ll.shape:
-            raise ValueError(f"t and per_sample_losses must have the same length, got {tt.shape[0]} and {ll.shape[0]}")
-        if not np.all(np.isfinite(ll)):
-            raise ValueError("per_sample_losses must be finite")
+        tt, ll = _loss_pairs(t, per_sample_losses)
         if T is not None:
             self._ensure(int(T))
         if self._state_T is None:
