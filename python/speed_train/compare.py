@@ -4,6 +4,12 @@ time-step strategies, score sample quality every K steps, and read off the speed
     speed-kernels compare                                         # the 6 default strategies on digits
     speed-kernels compare --strategies uniform,speed:k=5,lam=0.6,p2:gamma=0.5,speed+p2 --seeds 0,1,2
     speed-kernels compare --data fashion-mnist --model unet-small --steps 3000 --eval-every 500 --device cuda
+    speed-kernels compare --objective flow --strategies uniform,logit_normal,mode,speed --param shift=1 --sampler heun
+
+Flow matching (``--objective flow``): the strategies are ``speed_kernels.flow_strategies`` names
+(``speed`` is SpeeD for flow, docs/flow.md), ``--param KEY=VALUE`` without a prefix goes to every
+strategy (``shift=3``, ``clamp``), the model predicts v by default and samples are drawn with Euler
+(or ``--sampler heun``) on the shifted sigma grid; the speed-up reference is uniform on the same path.
 
 Strategy syntax: a comma-separated list; each entry is a registered strategy name
 (``speed_kernels.strategies.names()``), optionally followed by ``:key=value`` parameters separated by
