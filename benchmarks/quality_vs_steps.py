@@ -3,11 +3,13 @@
 
     python benchmarks/quality_vs_steps.py                               # 6 strategies on digits, CPU
     python benchmarks/quality_vs_steps.py --seeds 0,1,2 --steps 2000 --eval-every 250
+    python benchmarks/quality_vs_steps.py --objective flow --threads 1 --seeds 0,1,2   # -> digits_flow/
     python benchmarks/quality_vs_steps.py --data fashion-mnist --model unet-small --steps 3000 \\
         --eval-every 500 --batch-size 128 --device cuda
 
 Writes results.md / results.csv / results.json (each with the command, versions, machine and
-date) and quality_vs_steps.png, and prints the table. See speed_train/compare.py for what is held
+date) and quality_vs_steps.png, and prints the table. ``--objective flow`` compares flow-matching
+strategies (default uniform, logit_normal, mode, speed; Euler sampler) and writes to <data>_flow/. See speed_train/compare.py for what is held
 fixed, how the speed-up is read off and what the default sizes cost.
 """
 from __future__ import annotations
@@ -33,10 +35,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = args.out
     if out == p.get_default("out"):
-        out = str(ROOT / "benchmarks" / "results" / "quality_vs_steps" / Path(args.data).name.replace(".", "_"))
+        folder = Path(args.data).name.replace(".", "_") + ("_flow" if args.objective == "flow" else "")
+        out = str(ROOT / "benchmarks" / "results" / "quality_vs_steps" / folder)
     command = "python benchmarks/quality_vs_steps.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     run_compare(
-        args.strategies, data=args.data, model=args.model, steps=args.steps, eval_every=args.eval_every,
+        args.strategies, params=args.param, objective=args.objective, data=args.data, model=args.model, steps=args.steps, eval_every=args.eval_every,
         seeds=args.seeds, out=out, eval_samples=args.eval_samples, sample_steps=args.sample_steps,
         sampler=args.sampler, metric=args.metric, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
         prediction=args.prediction, learn_sigma=args.learn_sigma, backend=args.backend, device=args.device,

@@ -4,6 +4,12 @@ time-step strategies, score sample quality every K steps, and read off the speed
     speed-kernels compare                                         # the 6 default strategies on digits
     speed-kernels compare --strategies uniform,speed:k=5,lam=0.6,p2:gamma=0.5,speed+p2 --seeds 0,1,2
     speed-kernels compare --data fashion-mnist --model unet-small --steps 3000 --eval-every 500 --device cuda
+    speed-kernels compare --objective flow --strategies uniform,logit_normal,mode,speed --param shift=1 --sampler heun
+
+Flow matching (``--objective flow``): the strategies are ``speed_kernels.flow_strategies`` names
+(``speed`` is SpeeD for flow, docs/flow.md), ``--param KEY=VALUE`` without a prefix goes to every
+strategy (``shift=3``, ``clamp``), the model predicts v by default and samples are drawn with Euler
+(or ``--sampler heun``) on the shifted sigma grid; the speed-up reference is uniform on the same path.
 
 Strategy syntax: a comma-separated list; each entry is a registered strategy name
 (``speed_kernels.strategies.names()``), optionally followed by ``:key=value`` parameters separated by
@@ -56,9 +62,14 @@ __all__ = [
     "first_reach_step",
     "speedup",
     "DEFAULT_STRATEGIES",
+    "DEFAULT_FLOW_STRATEGIES",
 ]
 
 DEFAULT_STRATEGIES = "uniform,speed,p2,min-snr,lognormal,clts"
+DEFAULT_FLOW_STRATEGIES = "uniform,logit_normal,mode,speed"  # speed: SpeeD for flow (docs/flow.md)
+OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm"), "flow": ("euler", "heun")}  # first: the default
+DEFAULT_PREDICTION = {"diffusion": "eps", "flow": "v"}  # an eps model cannot give the velocity at sigma = 1
+FLOW_SHARED_PARAMS = {"shift", "clamp"}  # flow parameters of the path itself: uniform with them is the reference
 METRIC_NAMES = {"fd": "classifier Frechet distance", "mmd2": "pixel MMD^2", "swd": "pixel sliced W2",
                 "fid": "Inception FID"}
 
@@ -66,16 +77,24 @@ METRIC_NAMES = {"fd": "classifier Frechet distance", "mmd2": "pixel MMD^2", "swd
 # ---------------------------------------------------------------------------------- parsing
 
 
-def parse_strategies(spec: str | Sequence[str], params: Sequence[str] | None = None) -> list[tuple[str, str, dict]]:
+def parse_strategies(spec: str | Sequence[str], params: Sequence[str] | None = None,
+                     objective: str = "diffusion") -> list[tuple[str, str, dict]]:
     """``"uniform,speed:k=5,lam=0.6,speed+p2"`` -> [(label, name, params), ...].
 
     The grammar of ``analyze --strategy`` (NAME:KEY=VALUE,...) in one comma-separated list: a
     KEY=VALUE token after a strategy belongs to it. ``params`` are ``--param [STRATEGY:]KEY=VALUE``
     items, routed by speed_kernels.analysis.parse_params (to the strategies that have KEY). Each
     strategy is checked against ``speed_kernels.strategies`` (unknown name or parameter ->
-    ValueError naming the known ones). Labels are unique."""
-    from speed_kernels import strategies
-    from speed_kernels.analysis import parse_params, parse_strategy_spec, split_key_value
+    ValueError naming the known ones). Labels are unique.
+
+    ``objective="flow"``: names are flow strategies (``speed_kernels.flow_strategies``); ``params``
+    are routed as ``train --objective flow`` does (an unprefixed item goes to every strategy, e.g.
+    ``shift=3``) and each strategy is built once to check its name and parameters."""
+    from speed_kernels import flow_strategies, strategies
+    from speed_kernels.analysis import parse_params, parse_strategy_spec, route_params_unchecked, split_key_value
+
+    if objective not in OBJECTIVE_SAMPLERS:
+        raise ValueError(f"objective must be diffusion or flow, got {objective!r}")
 
     tokens = spec.split(",") if isinstance(spec, str) else [t for s in spec for t in str(s).split(",")]
     entries: list[list] = []
@@ -94,11 +113,13 @@ def parse_strategies(spec: str | Sequence[str], params: Sequence[str] | None = N
         entries[-1][1][key] = val
     if not entries:
         raise ValueError("--strategies is empty")
-    routed = parse_params(params or [], list(dict.fromkeys(name for name, _ in entries)))
+    route = route_params_unchecked if objective == "flow" else parse_params
+    routed = route(params or [], list(dict.fromkeys(name for name, _ in entries)))
+    build = flow_strategies.get if objective == "flow" else strategies.get
     out, seen = [], set()
     for name, own in entries:
         p = {**routed[name], **own}
-        strategies.get(name, **p)  # validates name and parameters now, before any training
+        build(name, **p)  # validates name and parameters now, before any training
         label = name + (":" + ",".join(f"{k}={v}" for k, v in p.items()) if p else "")
         if label in seen:
             raise ValueError(f"strategy {label!r} is listed twice")
@@ -223,9 +244,10 @@ def _resolve_device(device: str) -> str:
 
 
 def run_compare(
-    strategies: str | Sequence[str] = DEFAULT_STRATEGIES,
+    strategies: str | Sequence[str] | None = None,
     *,
     params: Sequence[str] | None = None,
+    objective: str = "diffusion",
     data: str = "digits",
     model: str = "auto",
     steps: int = 1000,
@@ -234,12 +256,12 @@ def run_compare(
     out: str | os.PathLike = "runs/compare",
     eval_samples: int = 500,
     sample_steps: int = 20,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     metric: str | None = None,
     batch_size: int = 64,
     lr: float | None = None,
     schedule: str = "linear",
-    prediction: str = "eps",
+    prediction: str | None = None,
     learn_sigma: bool = False,
     backend: str = "auto",
     device: str = "auto",
@@ -258,7 +280,11 @@ def run_compare(
     identical settings (training config, evaluation settings, evaluator floor) is read back instead
     of trained again, so seeds or strategies can be added to an earlier comparison.
     ``keep_checkpoints=False`` deletes each run's checkpoints once its curve is recorded.
-    ``params``: ``[STRATEGY:]KEY=VALUE`` items (``--param``) for the strategies that have KEY."""
+    ``params``: ``[STRATEGY:]KEY=VALUE`` items (``--param``) for the strategies that have KEY
+    (for ``objective="flow"``: for every strategy unless prefixed, as ``train`` routes them).
+    ``objective``: "diffusion" (DiffusionLoss; samplers ddim, ddpm) or "flow" (FlowMatchingLoss with
+    flow strategies; samplers euler, heun). ``strategies``, ``sampler`` and ``prediction`` default
+    per objective (DEFAULT_STRATEGIES / DEFAULT_FLOW_STRATEGIES, ddim / euler, eps / v)."""
     import torch
 
     from .metrics import Evaluator
@@ -266,14 +292,23 @@ def run_compare(
     from .sampling import save_grid
     from .trainer import TrainConfig, Trainer
 
-    specs = parse_strategies(strategies, params)
+    if objective not in OBJECTIVE_SAMPLERS:
+        raise ValueError(f"objective must be diffusion or flow, got {objective!r}")
+    if strategies is None:
+        strategies = DEFAULT_FLOW_STRATEGIES if objective == "flow" else DEFAULT_STRATEGIES
+    sampler = OBJECTIVE_SAMPLERS[objective][0] if sampler is None else sampler
+    prediction = DEFAULT_PREDICTION[objective] if prediction is None else prediction
+    specs = parse_strategies(strategies, params, objective=objective)
     seed_list = _parse_seeds(seeds)
     for name, v, lo in (("steps", steps, 1), ("eval_every", eval_every, 1), ("eval_samples", eval_samples, 2),
                         ("sample_steps", sample_steps, 1), ("batch_size", batch_size, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler must be ddim or ddpm, got {sampler!r}")
+    if sampler not in OBJECTIVE_SAMPLERS[objective]:
+        raise ValueError(f"sampler must be {' or '.join(OBJECTIVE_SAMPLERS[objective])} for objective {objective}, "
+                         f"got {sampler!r}")
+    if objective == "flow" and learn_sigma:
+        raise ValueError("learn_sigma is a diffusion option; objective flow has no variance to learn")
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -307,7 +342,7 @@ def run_compare(
             cfg = TrainConfig(
                 model=model, data=data, strategy=name, strategy_params=dict(params), steps=steps,
                 batch_size=batch_size, lr=lr, schedule=schedule, prediction=prediction, learn_sigma=learn_sigma,
-                backend=backend, seed=seed, device=dev, out=str(run_dir), name=f"{_safe(label)}-seed{seed}",
+                backend=backend, objective=objective, seed=seed, device=dev, out=str(run_dir), name=f"{_safe(label)}-seed{seed}",
                 log_every=min(50, eval_every), sample_every=0, ckpt_every=0, sample_n=0, sampler=sampler,
                 sample_steps=sample_steps, progress=False,
             )
@@ -364,13 +399,13 @@ def run_compare(
             }
             record.write_text(json.dumps({"signature": signature, "run": runs[label][seed]}, indent=1, default=str))
 
-    result = _summarise(specs, seed_list, runs, metric, evaluator)
+    result = _summarise(specs, seed_list, runs, metric, evaluator, objective)
     meta = {
         **_provenance(command, dev),
         "config": {
             "data": data, "model": next(iter(runs[specs[0][0]].values()))["model"], "steps": steps,
             "batch_size": batch_size, "lr": next(iter(runs[specs[0][0]].values()))["lr"], "schedule": schedule,
-            "prediction": prediction, "learn_sigma": learn_sigma, "backend": backend, "eval_every": eval_every,
+            "objective": objective, "prediction": prediction, "learn_sigma": learn_sigma, "backend": backend, "eval_every": eval_every,
             "eval_samples": eval_samples, "sampler": sampler, "sample_steps": sample_steps, "seeds": seed_list,
             "eval_seed": eval_seed, "metric": metric, "strategies": [s[0] for s in specs],
         },
@@ -391,7 +426,13 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
-def _summarise(specs, seeds, runs, metric, evaluator) -> dict:
+def _is_reference(name: str, params: dict, objective: str) -> bool:
+    """Plain uniform; for flow, uniform on the same shifted/clamped path as the others counts too."""
+    allowed = FLOW_SHARED_PARAMS if objective == "flow" else set()
+    return name == "uniform" and set(params) <= allowed
+
+
+def _summarise(specs, seeds, runs, metric, evaluator, objective="diffusion") -> dict:
     curves = {}
     for label, _, _ in specs:
         per_seed = [runs[label][s]["evals"] for s in seeds]
@@ -404,7 +445,7 @@ def _summarise(specs, seeds, runs, metric, evaluator) -> dict:
             **{f"{m}_max": vals[m].max(0).tolist() for m in vals},
             **{f"{m}_per_seed": vals[m].tolist() for m in vals},
         }
-    ref_label = next((label for label, name, params in specs if name == "uniform" and not params), None)
+    ref_label = next((label for label, name, params in specs if _is_reference(name, params, objective)), None)
     rows = []
     for label, name, params in specs:
         c = curves[label]
@@ -476,14 +517,18 @@ def _write_results(out: Path, result: dict) -> dict:
             f"real images, after {cfg['steps']} training steps; mean over seeds {cfg['seeds']}")
     ev = meta["evaluator"]
     clf = ev.get("classifier") or {}
+    objective = cfg.get("objective", "diffusion")
+    # what the strategies act on: the DDPM schedule, or the flow path (no schedule; sigma in [0, 1])
+    path = (f"objective flow (rectified flow, x_t = (1 - sigma) x0 + sigma eps, flow strategies)"
+            if objective == "flow" else f"objective diffusion, {cfg['schedule']} schedule")
     lines = [
-        f"# Strategy comparison: {cfg['data']}, {cfg['model']}",
+        f"# Strategy comparison: {cfg['data']}, {cfg['model']}, {objective}, sampler {cfg['sampler']}",
         "",
         f"- produced by: `{meta['command']}` ({meta['produced_by']})",
         f"- date: {meta['date']}; machine: {meta['machine']}; device: {meta['device']}",
         f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f"; git {meta['git_commit']}",
         f"- SPEED_* environment: {json.dumps(meta.get('numerics_env') or {})}",
-        f"- training: {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, {cfg['schedule']} schedule, "
+        f"- training: {path}, {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, "
         f"{cfg['prediction']}-prediction{', learned sigma' if cfg['learn_sigma'] else ''}, seeds {cfg['seeds']}",
         f"- score: {what}; evaluated every {cfg['eval_every']} steps",
         f"- classifier for fd: {clf.get('arch')} trained {clf.get('epochs')} epochs "
@@ -504,7 +549,9 @@ def _write_results(out: Path, result: dict) -> dict:
     with open(p, "w", newline="") as f:
         f.write(f"# produced by: {meta['command']}\n# date: {meta['date']}; machine: {meta['machine']}; "
                 f"device: {meta['device']}\n# versions: {json.dumps(meta['versions'])}; git {meta['git_commit']}\n"
-                f"# SPEED_* environment: {json.dumps(meta.get('numerics_env') or {})}\n# score: {what}\n")
+                f"# SPEED_* environment: {json.dumps(meta.get('numerics_env') or {})}\n"
+                f"# training: objective {objective}, {cfg['prediction']}-prediction, sampler {cfg['sampler']}\n"
+                f"# score: {what}\n")
         keys = ["strategy", "final", "final_std", "best", "steps_to_target", "speedup", "speedup_bound",
                 "target", "uniform_steps"] + [f"final_{m}" for m in ev["floor"] if m != "n"] + ["final_loss", "steps_per_s"]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -550,7 +597,7 @@ def _plot(path: Path, result: dict) -> str:
         ax.set_title(f"{METRIC_NAMES.get(m, m)}", fontsize=9)
     axes[0][0].legend(fontsize=7)
     spread = f", band: min-max over seeds {cfg['seeds']}" if len(cfg["seeds"]) > 1 else f", seed {cfg['seeds'][0]}"
-    fig.suptitle(f"{cfg['data']}, {cfg['model']}, batch {cfg['batch_size']}: {cfg['eval_samples']} samples, "
+    fig.suptitle(f"{cfg['data']}, {cfg['model']}, {cfg.get('objective', 'diffusion')}, batch {cfg['batch_size']}: {cfg['eval_samples']} samples, "
                  f"{cfg['sampler']}-{cfg['sample_steps']}{spread}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -572,7 +619,12 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
                "quality_vs_steps.png under --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated strategies (see below)")
+    p.add_argument("--strategies", default=None,
+                   help=f"comma-separated strategies (see below); default {DEFAULT_STRATEGIES}, "
+                        f"or {DEFAULT_FLOW_STRATEGIES} with --objective flow")
+    p.add_argument("--objective", choices=sorted(OBJECTIVE_SAMPLERS), default="diffusion",
+                   help="diffusion (DDPM strategies) or flow (flow matching: speed_kernels.flow_strategies, "
+                        "--param shift=3 for every strategy, samplers euler/heun)")
     p.add_argument("--param", action="append", metavar="[STRATEGY:]KEY=VALUE",
                    help="strategy parameter for the strategies that have KEY (or the one named), repeatable")
     p.add_argument("--data", default="digits", help="digits | fashion-mnist | a folder | a .npy/.npz")
@@ -583,13 +635,15 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.add_argument("--eval-samples", type=int, default=500, help="samples per evaluation (fixed)")
     p.add_argument("--sample-steps", type=int, default=20, help="sampler steps per evaluation")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--sampler", choices=["ddim", "ddpm", "euler", "heun"], default=None,
+                   help="evaluation sampler (default ddim; euler with --objective flow)")
     p.add_argument("--metric", choices=sorted(METRIC_NAMES), default=None,
                    help="score for the speed-up (default: fid when available, else fd, else mmd2)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=None, help="default: the trainer's (1e-3 on digits, else 1e-4)")
     p.add_argument("--schedule", default="linear")
-    p.add_argument("--prediction", choices=["eps", "v", "x0"], default="eps")
+    p.add_argument("--prediction", choices=["eps", "v", "x0"], default=None,
+                   help="model output (default eps; v with --objective flow)")
     p.add_argument("--learn-sigma", action="store_true")
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -607,7 +661,8 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
 
 def cmd_compare(args) -> int:
     run_compare(
-        args.strategies, params=args.param, data=args.data, model=args.model, steps=args.steps, eval_every=args.eval_every,
+        args.strategies, params=args.param, objective=args.objective, data=args.data, model=args.model,
+        steps=args.steps, eval_every=args.eval_every,
         seeds=args.seeds, out=args.out, eval_samples=args.eval_samples, sample_steps=args.sample_steps,
         sampler=args.sampler, metric=args.metric, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
         prediction=args.prediction, learn_sigma=args.learn_sigma, backend=args.backend, device=args.device,

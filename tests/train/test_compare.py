@@ -131,3 +131,78 @@ def test_compare_cli_reports_bad_strategy(tmp_path, capsys):
     assert rc == 2
     assert "unknown strategy 'bogus'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # failed before any work
+
+
+# ---------------------------------------------------------------------------------- flow matching
+
+
+def test_parse_strategies_flow_names_and_routed_params():
+    got = parse_strategies("uniform,logit_normal:mean=0.5,mode,speed:k=3", ["shift=3", "speed:data_std=0.5"],
+                           objective="flow")
+    assert got == [
+        ("uniform:shift=3", "uniform", {"shift": 3}),
+        ("logit_normal:shift=3,mean=0.5", "logit_normal", {"shift": 3, "mean": 0.5}),
+        ("mode:shift=3", "mode", {"shift": 3}),
+        ("speed:shift=3,data_std=0.5,k=3", "speed", {"shift": 3, "data_std": 0.5, "k": 3}),
+    ]
+    # flow names are not DDPM names and vice versa: each objective checks its own registry
+    with pytest.raises(ValueError, match="unknown flow strategy 'clts'"):
+        parse_strategies("uniform,clts", objective="flow")
+    with pytest.raises(ValueError, match="unknown strategy 'logit_normal'"):
+        parse_strategies("uniform,logit_normal")
+    with pytest.raises(ValueError, match="not accepted"):
+        parse_strategies("uniform,mode:mean=1", objective="flow")
+    with pytest.raises(ValueError, match="objective"):
+        parse_strategies("uniform", objective="edm")
+
+
+def test_compare_flow_reference_is_uniform_on_the_same_path():
+    from speed_train.compare import _is_reference
+
+    assert _is_reference("uniform", {"shift": 3}, "flow") and _is_reference("uniform", {}, "flow")
+    assert not _is_reference("uniform", {"shift": 3}, "diffusion")
+    assert not _is_reference("logit_normal", {}, "flow")
+
+
+@pytest.mark.parametrize("kw, match", [({"sampler": "ddim"}, "euler or heun for objective flow"),
+                                       ({"learn_sigma": True}, "learn_sigma")])
+def test_compare_flow_rejects_diffusion_options(tmp_path, kw, match):
+    from speed_train.compare import run_compare
+
+    with pytest.raises(ValueError, match=match):
+        run_compare("uniform,speed", objective="flow", out=tmp_path / "x", verbose=False, **kw)
+    assert not (tmp_path / "x").exists()  # failed before any work
+
+
+def test_compare_flow_end_to_end(tmp_path, cache, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("SPEED_KERNELS_CACHE", str(cache))
+    from speed_train.cli import main
+
+    out = tmp_path / "flow"
+    rc = main([
+        "compare", "--objective", "flow", "--strategies", "uniform,speed", "--param", "shift=2",
+        "--sampler", "heun", "--steps", "6", "--eval-every", "3", "--eval-samples", "32", "--sample-steps", "2",
+        "--batch-size", "8", "--model", "unet-tiny", "--device", "cpu", "--out", str(out), "--seeds", "0",
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| uniform:shift=2 |" in printed and "| speed:shift=2 |" in printed
+    md = (out / "results.md").read_text()
+    assert "flow, sampler heun" in md and "objective flow" in md and "v-prediction" in md
+    assert "32 samples (heun, 2 steps" in md
+    assert "objective flow, v-prediction, sampler heun" in (out / "results.csv").read_text()
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["meta"]["config"]
+    assert cfg["objective"] == "flow" and cfg["sampler"] == "heun" and cfg["prediction"] == "v"
+    assert res["reference"] == "uniform:shift=2"
+    for label, c in res["curves"].items():
+        assert c["steps"] == [3, 6] and all(math.isfinite(v) for v in c["fd_mean"])
+    # each run trained the flow objective with its own flow strategy on the shifted path
+    runs = res["runs"]
+    assert runs["speed:shift=2"]["0"]["loss_fn"].startswith("FlowObjective(FlowMatchingLoss(FlowStrategy(speed(")
+    assert "shift=2.0" in runs["uniform:shift=2"]["0"]["loss_fn"]
+    run_cfg = json.loads((out / "runs" / "speed_shift_2-seed0" / "compare_run.json").read_text())["signature"]
+    assert run_cfg["config"]["objective"] == "flow" and run_cfg["config"]["strategy"] == "speed"
+    # the flow and diffusion losses differ: the speed run's final loss is not uniform's
+    assert res["rows"][0]["final_loss"] != res["rows"][1]["final_loss"]
