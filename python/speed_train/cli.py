@@ -43,7 +43,7 @@ def _train_parser(p: argparse.ArgumentParser):
     g.add_argument("--strategy", help=f"time-step strategy, NAME or NAME:KEY=VALUE,... (default {d.strategy})")
     g.add_argument("--param", action="append", metavar="[STRATEGY:]KEY=VALUE",
                    help="strategy parameter, repeatable (e.g. k=5); checked against the strategy's signature")
-    g.add_argument("--prediction", choices=["eps", "v", "x0"])
+    g.add_argument("--prediction", choices=["eps", "v", "x0"], help="what the model predicts (default eps; v with --objective flow)")
     g.add_argument("--learn-sigma", action="store_true", help="2C outputs and DiT's hybrid loss")
     g.add_argument("--schedule", help=f"noise schedule (default {d.schedule})")
     g.add_argument("--T", type=int, help=f"diffusion steps (default {d.T})")

@@ -70,7 +70,7 @@ class TrainConfig:
     T: int = 1000
     strategy: str = "speed"
     strategy_params: dict = field(default_factory=dict)
-    prediction: str = "eps"             # eps | v | x0
+    prediction: str | None = None       # eps | v | x0; None: eps for diffusion, v for flow
     learn_sigma: bool = False
     backend: str = "auto"
     objective: str = "diffusion"        # diffusion | flow (FlowMatchingLoss; samplers euler | heun)
@@ -111,6 +111,8 @@ class TrainConfig:
             c.lr = 1e-3 if data_name == "digits" else 1e-4
         if c.ema is None:
             c.ema = min(0.9999, max(0.0, 1.0 - 10.0 / max(c.steps, 1)))
+        if c.prediction is None:  # flow models predict the velocity (docs/flow.md)
+            c.prediction = "v" if c.objective == "flow" else "eps"
         if c.objective == "flow" and c.sampler == "ddpm":  # the default sampler; flow's default is euler
             c.sampler = "euler"
         if not c.grad_clip:  # 0 and None both mean off; one spelling in run.json and checkpoints
@@ -187,7 +189,7 @@ def validate_config(cfg: TrainConfig) -> None:
             fail(name, "True or False", getattr(cfg, name))
     if cfg.flip is not None and not isinstance(cfg.flip, bool):
         fail("flip", "True, False or unset", cfg.flip)
-    if cfg.prediction not in ("eps", "v", "x0"):
+    if cfg.prediction is not None and cfg.prediction not in ("eps", "v", "x0"):
         fail("prediction", "one of eps, v, x0", cfg.prediction)
     if cfg.objective not in ("diffusion", "flow"):
         fail("objective", "diffusion or flow", cfg.objective)

@@ -122,3 +122,11 @@ def test_flow_resume_gives_identical_per_step_losses(tmp_path):
     a, b = losses(straight.out), losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     assert [a[k] for k in sorted(a)] == [b[k] for k in sorted(b)]  # bit-identical: the sigma/eps stream resumed
+
+
+def test_flow_runs_predict_v_unless_told_otherwise():
+    from speed_train.trainer import TrainConfig
+
+    assert TrainConfig(objective="flow").resolved("digits", True).prediction == "v"
+    assert TrainConfig().resolved("digits", True).prediction == "eps"
+    assert TrainConfig(objective="flow", prediction="x0").resolved("digits", True).prediction == "x0"
