@@ -32,26 +32,15 @@ from speed_kernels.process import (  # noqa: F401  (re-exported: analysis.areas 
     noise_std,
     noise_std_rate,
 )
+from speed_kernels import process as _process
 from speed_kernels.schedules import NoiseSchedule
 
-__all__ = [
-    "noise_std",
-    "noise_std_rate",
-    "marginal_variance",
-    "marginal_variance_rate",
-    "increment_mean_coef",
-    "increment_variance",
-    "increment_mean_coef_rate",
-    "increment_variance_rate",
-    "mirror_pivot",
-    "areas",
-    "area_shares",
+__all__ = [  # the process maths re-exported from speed_kernels.process, and the analysis itself
+    *_process.__all__,
     "strategy_summary",
     "make_schedule",
     "plot_analysis",
     "add_analyze_command",
-    "TAU_THRESHOLD",
-    "PIVOT_THRESHOLD",
 ]
 
 def strategy_label(st: Any) -> str:
