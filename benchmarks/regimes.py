@@ -58,13 +58,15 @@ from speed_train.compare import _provenance, _safe, parse_strategies, speedup  #
 # Min-SNR, log-normal, logit-normal, importance, adaptive (both progress measures)
 STUDY_STRATEGIES = ("uniform,speed,speed:variant=paper,speed+p2,p2,min-snr,lognormal,logit-normal,"
                     "importance,adaptive,adaptive:relative=false")
-SAMPLERS = "ddpm-250,ddim-50"
+# On the CPU a DDPM-250 curve costs more than the training it scores: DDIM-50 gives the curve (and
+# the speed-up), DDPM-250 (the paper's sampler) scores the final step only ("@final").
+SAMPLERS = {"cpu": "ddim-50,ddpm-250@final", "gpu": "ddpm-250,ddim-50"}
 CSV_COLUMNS = ["regime", "strategy", "sampler", "seed", "step", "metric", "value"]
 
 REGIMES = {
     "digits-pixel": {
         "data": "digits", "learn_sigma": False,
-        "cpu": dict(model="unet-tiny", steps=2000, eval_every=250, batch_size=64, eval_samples=500),
+        "cpu": dict(model="unet-tiny", steps=1500, eval_every=300, batch_size=64, eval_samples=400),
         "gpu": dict(model="unet-tiny", steps=10000, eval_every=1000, batch_size=128, eval_samples=1000),
     },
     "fmnist-pixel": {
@@ -90,20 +92,24 @@ REGIMES = {
 }
 SMOKE = dict(regimes="smoke-digits-pixel,smoke-digits-latent", seeds="0,1",
              strategies="uniform,speed,adaptive:fast_steps=2,slow_steps=6,warmup_steps=4,every=2",
-             samplers="ddpm-8,ddim-4")
+             samplers="ddim-4,ddpm-8@final")
 
 
-def parse_samplers(spec: str) -> list[tuple[str, int]]:
-    """``"ddpm-250,ddim-50"`` -> [("ddpm", 250), ("ddim", 50)]."""
+def parse_samplers(spec: str) -> list[tuple[str, int, bool]]:
+    """``"ddim-50,ddpm-250@final"`` -> [("ddim", 50, False), ("ddpm", 250, True)]: name, sampling
+    steps, and whether the sampler scores the final training step only (no curve, no speed-up)."""
     out = []
     for tok in str(spec).split(","):
         tok = tok.strip()
         if not tok:
             continue
-        name, _, steps = tok.partition("-")
-        if name not in ("ddpm", "ddim") or not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"--samplers entries must be ddpm-N or ddim-N, got {tok!r}")
-        out.append((name, int(steps)))
+        body, at, when = tok.partition("@")
+        name, _, steps = body.partition("-")
+        if name not in ("ddpm", "ddim") or not steps.isdigit() or int(steps) < 1 or (at and when != "final"):
+            raise ValueError(f"--samplers entries must be ddpm-N or ddim-N, optionally with @final, got {tok!r}")
+        out.append((name, int(steps), bool(at)))
+    if out and all(final for _, _, final in out):
+        raise ValueError("--samplers needs at least one sampler without @final (the curve the speed-up is read on)")
     if not out:
         raise ValueError("--samplers is empty")
     return out
@@ -145,7 +151,7 @@ def _ensure_latents(regime: dict, folder: Path, say) -> None:
     encode_dataset(regime["encode_from"], folder, verbose=False, **regime.get("encode", {}))
 
 
-def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = "0,1,2", samplers: str = SAMPLERS,
+def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = "0,1,2", samplers: str | None = None,
               profile: str = "cpu", out: str | Path = ROOT / "benchmarks" / "results" / "regimes",
               latents: str | Path | None = None, device: str = "cpu", threads: int | None = 1,
               steps: int | None = None, eval_every: int | None = None, eval_samples: int | None = None,
@@ -168,7 +174,7 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
     seed_list = [int(s) for s in str(seeds).split(",") if s.strip()]
     if len(seed_list) < 1 or len(set(seed_list)) != len(seed_list):
         raise ValueError(f"--seeds must be distinct integers, got {seeds!r}")
-    sampler_list = parse_samplers(samplers)
+    sampler_list = parse_samplers(samplers or SAMPLERS[profile])
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out)
@@ -222,10 +228,12 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                     def eval_fn(trainer, step, _evals=evals, _dir=run_dir, _steps=prof["steps"], _label=label,
                                 _seed=seed):
                         res = {}
-                        for sname, ssteps in sampler_list:
+                        for sname, ssteps, final_only in sampler_list:
+                            if final_only and step != _steps:
+                                continue
                             x = trainer.sample(prof["eval_samples"], sampler=sname, steps=ssteps, seed=eval_seed)
                             sc = evaluator(x.float().cpu(), sample_steps=ssteps, sampler=sname)
-                            _evals.append({"step": step, "sampler": f"{sname}-{ssteps}",
+                            _evals.append({"step": step, "sampler": sname + f"-{ssteps}" + ("@final" if final_only else ""),
                                            **{m: sc[m] for m in evaluator.metric_names}})
                             res.update({f"q_{sname}{ssteps}_{m}": sc[m] for m in evaluator.metric_names})
                             if step == _steps:
@@ -252,7 +260,7 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                                                       metric, evaluator, prediction, n_boot, out)
 
     meta = {**_provenance(command, device), "profile": profile, "seeds": seed_list,
-            "samplers": [f"{a}-{b}" for a, b in sampler_list], "strategies": [s[0] for s in specs],
+            "samplers": [f"{a}-{b}" + ("@final" if f else "") for a, b, f in sampler_list], "strategies": [s[0] for s in specs],
             "wall_time_s": round(time.perf_counter() - t0, 1)}
     summary["meta"] = meta
     with open(out / "results.csv", "w", newline="") as f:
@@ -272,8 +280,8 @@ def _summarise_regime(rname, data, prof, reg, specs, seeds, samplers, curves, me
     res = {"data": data, "profile": prof, "learn_sigma": reg["learn_sigma"], "metric": metric,
            "floor": {m: desc["floor"][m] for m in evaluator.metric_names}, "floor_n": desc["floor"]["n"],
            "reconstruction": desc.get("reconstruction"), "analysis": prediction, "samplers": {}}
-    for sname, ssteps in samplers:
-        sk = f"{sname}-{ssteps}"
+    for sname, ssteps, final_only in samplers:
+        sk = f"{sname}-{ssteps}" + ("@final" if final_only else "")
         per = {}
         for label, _, _ in specs:
             by_seed = curves[(label, sk)]
@@ -283,15 +291,21 @@ def _summarise_regime(rname, data, prof, reg, specs, seeds, samplers, curves, me
         table = []
         for label, _, _ in specs:
             steps, vals = per[label]
-            sp = speedup((u_steps, u_vals.mean(0)), (steps, vals.mean(0)))
-            lo, hi, reached = bootstrap_speedup(steps, u_vals, vals, n_boot=n_boot) if len(seeds) > 1 else (None, None, None)
+            if final_only:  # one point per seed: a final score, no curve to read a speed-up on
+                sp = {"steps": None, "uniform_steps": None, "speedup": None, "bound": None}
+                lo = hi = reached = None
+            else:
+                sp = speedup((u_steps, u_vals.mean(0)), (steps, vals.mean(0)))
+                lo, hi, reached = (bootstrap_speedup(steps, u_vals, vals, n_boot=n_boot) if len(seeds) > 1
+                                   else (None, None, None))
             finals = vals[:, -1]
             table.append({"strategy": label, "final": float(finals.mean()),
                           "final_sd": float(finals.std(ddof=1)) if len(seeds) > 1 else None,
                           "steps_to_uniform_final": sp["steps"], "uniform_steps": sp["uniform_steps"],
                           "speedup": sp["speedup"], "bound": sp["bound"], "ci95": [lo, hi], "reached_share": reached})
         res["samplers"][sk] = table
-        _plot(out / f"{rname}_{sname}{ssteps}.png", rname, sk, per, metric, res["floor"][metric], seeds)
+        if not final_only:
+            _plot(out / f"{rname}_{sname}{ssteps}.png", rname, sk, per, metric, res["floor"][metric], seeds)
     return res
 
 
@@ -343,7 +357,7 @@ def _markdown(summary: dict) -> str:
             lines += [f"### {sk}", "", "| strategy | final (mean ± sd) | steps to uniform's final | speed-up | 95% CI "
                       "(bootstrap over seeds) | reached |", "|---|---|---|---|---|---|"]
             for row in table:
-                sp = "not reached" if row["steps_to_uniform_final"] is None else (
+                sp = "final only" if sk.endswith("@final") else "not reached" if row["steps_to_uniform_final"] is None else (
                     (row["bound"] + " " if row["bound"] else "") + f"{row['speedup']:.2f}x")
                 ci = "n/a" if row["ci95"][0] is None else f"[{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]"
                 lines.append(f"| {row['strategy']} | {_f(row['final'], 4)} ± {_f(row['final_sd'], 2)} | "
@@ -358,7 +372,8 @@ def main(argv=None) -> int:
     p.add_argument("--regimes", default="digits-pixel,fmnist-pixel,fmnist-latent", help=f"of {', '.join(REGIMES)}")
     p.add_argument("--strategies", default=STUDY_STRATEGIES, help="compare's strategy syntax; must include uniform")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--samplers", default=SAMPLERS, help="comma-separated ddpm-N / ddim-N")
+    p.add_argument("--samplers", help="comma-separated ddpm-N / ddim-N, @final to score the last step only "
+                   f"(default per profile: {SAMPLERS})")
     p.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--steps", type=int, help="override the profile's training steps")
     p.add_argument("--eval-every", type=int, help="override the profile's evaluation interval")
