@@ -82,6 +82,7 @@ from speed_kernels import reference, rng  # noqa: E402
 from speed_kernels import strategies as S  # noqa: E402
 from speed_kernels.backends import backends as list_backends  # noqa: E402
 from speed_kernels.backends import numerics_env, select  # noqa: E402
+from speed_kernels.op_schema import DiffusionArgs  # noqa: E402
 from speed_kernels.schedules import NoiseSchedule  # noqa: E402
 from speed_kernels.tables import (  # noqa: E402
     ROW_LOG_BETA,
@@ -200,6 +201,7 @@ class Variant:
         self.probs = torch.as_tensor(probs, dtype=torch.float32, device=DEV)
         self.k0, self.k1 = rng.fold_key(1234)
         self.call = torch.zeros(1, dtype=torch.int64, device=DEV)
+        self.args = DiffusionArgs(self.tables, self.k0, self.k1, self.call, 0, self.learn_sigma, self.mirror, self.pivot)
         B, C = shape[0], shape[1]
         self.x0 = torch.randn(shape, device=DEV).clamp(-1, 1).to(dtype)
         pshape = (B, 2 * C if self.learn_sigma else C, *shape[2:])
@@ -269,9 +271,8 @@ class Variant:
 
     def step_backend(self, backend):
         def step():
-            x_t, t = backend.noise(self.x0, None, self.tables, self.k0, self.k1, self.call, self.mirror, self.pivot)
-            loss, _ = backend.loss(self.pred, self.x0, t, self.tables, self.k0, self.k1, self.call, 0,
-                                   self.learn_sigma, True)
+            x_t, t = backend.noise(self.x0, None, self.args)
+            loss, _ = backend.loss(self.pred, self.x0, t, self.args, True)
             loss.backward()
         return step
 
@@ -419,14 +420,13 @@ def block_sweep(backend, bw):
                     row = dict(shape="x".join(map(str, shape)), strategy=strat, block=block or "default",
                                warps=warps or "default")
                     try:
-                        _, t_fixed = backend.noise(var.x0, None, var.tables, var.k0, var.k1, var.call, var.mirror, var.pivot)
+                        _, t_fixed = backend.noise(var.x0, None, var.args)
 
                         def noise_only():
-                            backend.noise(var.x0, None, var.tables, var.k0, var.k1, var.call, var.mirror, var.pivot)
+                            backend.noise(var.x0, None, var.args)
 
                         def loss_only():
-                            loss, _ = backend.loss(var.pred, var.x0, t_fixed, var.tables, var.k0, var.k1, var.call, 0,
-                                                   var.learn_sigma, True)
+                            loss, _ = backend.loss(var.pred, var.x0, t_fixed, var.args, True)
                             loss.backward()
 
                         for part, fn in (("step", var.step_backend(backend)), ("noise", noise_only), ("loss", loss_only)):

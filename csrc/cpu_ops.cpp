@@ -488,6 +488,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_cpu(const at::Tensor& pred_i
                                                         int64_t target, bool learn_sigma, bool reduce_mean,
                                                         bool with_grad) {
   check_loss_args(pred_in, x0_in, t_in, tables_in, k0, k1, call, target, learn_sigma);
+  TORCH_CHECK(!with_grad || reduce_mean, "speed_kernels::loss: with_grad needs reduce_mean (the forward writes "
+              "the gradient of the batch mean; reduction none recomputes it in loss_backward)");
   check_cpu(x0_in, "x0");
   const at::Tensor pred = pred_in.contiguous(), x0 = x0_in.contiguous(), t = t_in.contiguous();
   const at::Tensor tables = tables_in.contiguous();

@@ -1,7 +1,7 @@
 // Registration of the ops in the `speed_kernels` torch library (schemas, CPU and CUDA kernels).
 // No Python here: the CMake library for C++ embedders links this file too.
 //
-// Ops (the Python side, speed_kernels/_ext.py, adds fake kernels for torch.compile and autograd):
+// Ops (schemas and contract: speed_kernels/op_schema.py, which also holds the fake kernels):
 //   noise(x0, t_in?, tables, k0, k1, call!, mirror, pivot) -> (x_t, t)          advances call by one
 //   loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, with_grad)
 //        -> (loss, terms [2, B], grad)   grad = d loss / d pred (empty when with_grad is false)
@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "flow_ops.h"
+#include "op_schemas.h"
 #include "ops.h"
 
 namespace sk = speed_kernels;
@@ -112,19 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_autograd(const at::Tensor& p
 }  // namespace
 
 TORCH_LIBRARY(speed_kernels, m) {
-  m.def(
-      "noise(Tensor x0, Tensor? t_in, Tensor tables, int k0, int k1, Tensor(a!) call, bool mirror, int pivot)"
-      " -> (Tensor, Tensor)");
-  m.def(
-      "loss(Tensor pred, Tensor x0, Tensor t, Tensor tables, int k0, int k1, Tensor call, int target,"
-      " bool learn_sigma, bool reduce_mean, bool with_grad) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "loss_backward(Tensor grad_loss, Tensor pred, Tensor x0, Tensor t, Tensor tables, int k0, int k1,"
-      " Tensor call, int target, bool learn_sigma) -> Tensor");
-  m.def("flow_noise(Tensor x0, Tensor? sigma_in, Tensor tables, int k0, int k1, Tensor(a!) call) -> (Tensor, Tensor)");
-  m.def(
-      "flow_loss(Tensor pred, Tensor x0, Tensor sigma, Tensor tables, int k0, int k1, Tensor call_used, int target,"
-      " bool inv_sigma2, bool with_grad) -> (Tensor, Tensor)");
+  // the schemas are declared once, in speed_kernels/op_schema.py (generated into op_schemas.h)
+  m.def(SK_SCHEMA_NOISE);
+  m.def(SK_SCHEMA_LOSS);
+  m.def(SK_SCHEMA_LOSS_BACKWARD);
+  m.def(SK_SCHEMA_FLOW_NOISE);
+  m.def(SK_SCHEMA_FLOW_LOSS);
 }
 
 TORCH_LIBRARY_IMPL(speed_kernels, CPU, m) {

@@ -4,19 +4,21 @@ Every backend is an object with
 
 * ``name``
 * ``supports(device: torch.device) -> bool``
-* ``noise(x0, t_in, tables, k0, k1, call, mirror, pivot) -> (x_t, t)``: draws t (unless
-  ``t_in`` is a given int64 [B] tensor) and eps per the RNG contract (speed_kernels.rng),
-  returns x_t in x0's dtype and t as int64; advances the device counter ``call`` by one.
-* ``loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean) -> (loss, terms)``:
-  regenerates eps of call index ``call - 1``; ``loss`` is the batch-mean scalar
+* ``noise(x0, t_in, a) -> (x_t, t)``: draws t (unless ``t_in`` is a given int64 [B] tensor) and
+  eps per the RNG contract (speed_kernels.rng), returns x_t in x0's dtype and t as int64; advances
+  the device counter ``a.call`` by one. ``a`` is a :class:`speed_kernels.op_schema.DiffusionArgs`
+  (tables, key, counter, target, learn_sigma, mirror, pivot: the per-loss constants).
+* ``loss(pred, x0, t, a, reduce_mean) -> (loss, terms)``:
+  regenerates eps of call index ``a.call - 1``; ``loss`` is the batch-mean scalar
   (``reduce_mean``) or the per-sample [B] float32 loss, differentiable w.r.t. ``pred``;
   ``terms`` is a detached float32 [2, B] tensor of (weighted MSE, VLB) per sample.
 
 ``torch-fast`` (speed_kernels/fast_torch.py) follows the same interface but draws with torch's own
 generator: the fallback where no kernel backend runs, not a member of the bit-exact contract.
 
-``tables`` is the float32 [NUM_ROWS, T] table of speed_kernels.tables on x0's device; ``target``
-is 0 (eps), 1 (v) or 2 (x0).
+``a.tables`` is the float32 [NUM_ROWS, T] table of speed_kernels.tables on x0's device;
+``a.target`` is 0 (eps), 1 (v) or 2 (x0). The kernel backends run the overloads of the ops declared
+in speed_kernels.op_schema (``.default``: the compiled extension; ``.triton``: Triton).
 """
 from __future__ import annotations
 
@@ -37,11 +39,11 @@ class TorchBackend:
     def supports(self, device: torch.device) -> bool:
         return True
 
-    def noise(self, x0, t_in, tables, k0, k1, call, mirror, pivot):
-        return reference.noise(x0, t_in, tables, k0, k1, call, mirror, pivot)
+    def noise(self, x0, t_in, a):
+        return reference.noise(x0, t_in, a.tables, a.k0, a.k1, a.call, a.mirror, a.pivot)
 
-    def loss(self, pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
-        return reference.loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean)
+    def loss(self, pred, x0, t, a, reduce_mean):
+        return reference.loss(pred, x0, t, a.tables, a.k0, a.k1, a.call, a.target, a.learn_sigma, reduce_mean)
 
 
 _REGISTRY: dict[str, object] = {"torch": TorchBackend(), "torch-fast": TorchFastBackend()}

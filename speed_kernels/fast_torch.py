@@ -61,7 +61,8 @@ class TorchFastBackend:
         gen = self._generator(x0.device, k0, k1, call, STREAM_EPS)
         return torch.randn(x0.shape, generator=gen, dtype=dtype, device=x0.device)
 
-    def noise(self, x0, t_in, tables, k0, k1, call, mirror, pivot):
+    def noise(self, x0, t_in, a):
+        tables, k0, k1, call, mirror, pivot = a.tables, a.k0, a.k1, a.call, a.mirror, a.pivot
         index = int(call)  # a host read of the counter: free on the CPU, where this backend mostly runs
         batch = x0.shape[0]
         if t_in is None:
@@ -82,8 +83,9 @@ class TorchFastBackend:
         call.add_(1)
         return x_t.to(x0.dtype), t
 
-    def loss(self, pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
-        eps = self._eps(x0, k0, k1, int(call) - 1)
+    def loss(self, pred, x0, t, a, reduce_mean):
+        tables, k0, k1, target, learn_sigma = a.tables, a.k0, a.k1, a.target, a.learn_sigma
+        eps = self._eps(x0, k0, k1, int(a.call) - 1)
         if learn_sigma or target != 0:
             return reference.loss(pred, x0, t, tables, k0, k1, None, target, learn_sigma, reduce_mean, eps=eps)
         # eps target, the common case, in four ops: (out - eps)^2, per-sample mean, weight, batch mean

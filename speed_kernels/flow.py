@@ -29,7 +29,8 @@ import torch
 from . import flow_strategies as _fs
 from . import reference
 from .reference import FLOW_NUM_ROWS, FLOW_ROW_DQ, FLOW_ROW_Q, FLOW_ROW_W
-from .rng import fold_key
+from .op_schema import FlowArgs
+from .stream import LossStream
 from .tables import target_code
 
 FLOW_BACKENDS = ("auto", "triton", "cpp", "torch")
@@ -61,37 +62,37 @@ def sigma_from_sit(t: torch.Tensor) -> torch.Tensor:
 class _TorchFlow:
     name = "torch"
 
-    def noise(self, x0, sigma_in, tables, k0, k1, call):
-        return reference.flow_noise(x0, sigma_in, tables, k0, k1, call)
+    def noise(self, x0, sigma_in, a):
+        return reference.flow_noise(x0, sigma_in, a.tables, a.k0, a.k1, a.call)
 
-    def loss(self, pred, x0, sigma, tables, k0, k1, call, target, inv_sigma2, reduce_mean):
-        return reference.flow_loss(pred, x0, sigma, tables, k0, k1, call, target, inv_sigma2, reduce_mean)
+    def loss(self, pred, x0, sigma, a, reduce_mean):
+        return reference.flow_loss(pred, x0, sigma, a.tables, a.k0, a.k1, a.call, a.target, a.inv_sigma2, reduce_mean)
 
 
 class _TritonFlow:
     name = "triton"
 
-    def noise(self, x0, sigma_in, tables, k0, k1, call):
+    def noise(self, x0, sigma_in, a):
         from .ops import flow_noise
 
-        return flow_noise.flow_noise(x0, sigma_in, tables, k0, k1, call)
+        return flow_noise.flow_noise(x0, sigma_in, a)
 
-    def loss(self, pred, x0, sigma, tables, k0, k1, call, target, inv_sigma2, reduce_mean):
+    def loss(self, pred, x0, sigma, a, reduce_mean):
         from .ops import flow_loss
 
-        return flow_loss.flow_loss(pred, x0, sigma, tables, k0, k1, call, target, inv_sigma2, reduce_mean)
+        return flow_loss.flow_loss(pred, x0, sigma, a, reduce_mean)
 
 
 class _CppFlow:
     name = "cpp"
 
-    def noise(self, x0, sigma_in, tables, k0, k1, call):
-        return torch.ops.speed_kernels.flow_noise(x0, sigma_in, tables, int(k0), int(k1), call)
+    def noise(self, x0, sigma_in, a):
+        return torch.ops.speed_kernels.flow_noise.default(x0, sigma_in, a.tables, int(a.k0), int(a.k1), a.call)
 
-    def loss(self, pred, x0, sigma, tables, k0, k1, call, target, inv_sigma2, reduce_mean):
+    def loss(self, pred, x0, sigma, a, reduce_mean):
         from . import flow_ext
 
-        return flow_ext.flow_loss(pred, x0, sigma, tables, k0, k1, call, target, inv_sigma2, reduce_mean)
+        return flow_ext.flow_loss(pred, x0, sigma, a, reduce_mean)
 
 
 def _triton_ok(device: torch.device) -> bool:
@@ -149,7 +150,7 @@ def select_flow_backend(name: str, device) -> object:
 
 
 # ------------------------------------------------------------------------------ the loss
-class FlowMatchingLoss:
+class FlowMatchingLoss(LossStream):
     """Flow-matching loss with strategy-driven sigma sampling and weighting.
 
     Args:
@@ -165,6 +166,8 @@ class FlowMatchingLoss:
         check_inputs: validate a given sigma's range (one host sync).
         strategy_params: keyword arguments of flow_strategies.get for a strategy given by name.
     """
+
+    _draw_name = "sigma"
 
     def __init__(self, strategy="uniform", shift: float = 1.0, prediction: str = "v", backend: str = "auto",
                  seed: int | None = 0, rank: int = 0, clamp=None, check_inputs: bool = True,
@@ -189,39 +192,22 @@ class FlowMatchingLoss:
         if backend not in FLOW_BACKENDS:
             raise ValueError(f"backend must be one of {FLOW_BACKENDS}, got {backend!r}")
         self.backend_name = backend
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.k0, self.k1 = fold_key(self.seed, self.rank)
         self.check_inputs = check_inputs
         self.inv_sigma2 = bool(strategy.weighting.inv_sigma2)
+        self._init_stream(seed, rank)
         self._host_tables = build_flow_tables(strategy, prediction)
-        self._tables: dict = {}
-        self._call: torch.Tensor | None = None
-        self._call_start = 0
-        self.step = 0
+        self._args: dict = {}
         self.last_terms: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- plumbing
-    def tables(self, device) -> torch.Tensor:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        tab = self._tables.get(device)
-        if tab is None:
-            tab = self._host_tables.to(device)
-            self._tables[device] = tab
-        return tab
-
-    def _counter(self, device) -> torch.Tensor:
-        if self._call is None:
-            if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("FlowMatchingLoss: run one noise()/loss() step before capturing a CUDA graph")
-            self._call = torch.full((1,), self._call_start, dtype=torch.int64, device=device)
-        elif self._call.device != torch.device(device):
-            self._call = self._call.to(device)
-        return self._call
+    def op_args(self, device) -> FlowArgs:
+        """The named arguments of the flow backends on `device` (cached per counter)."""
+        call = self._counter(device)
+        a = self._args.get(call.device)
+        if a is None or a.call is not call:
+            a = self._args[call.device] = FlowArgs(self.tables(call.device), self.k0, self.k1, call, self.target,
+                                                   self.inv_sigma2)
+        return a
 
     def backend(self, device, dtype=torch.float32):
         if self.backend_name == "auto" and dtype == torch.float64:
@@ -266,11 +252,12 @@ class FlowMatchingLoss:
         """(x_t, sigma): sigma drawn from the strategy (or the given one), x_t = (1 - sigma) x0 +
         sigma eps in x0's dtype, sigma float32 [B]. Advances the call counter."""
         self._check_x0(x0)
+        given = sigma
         if sigma is not None:
             sigma = self._check_sigma(sigma, x0)
-        call = self._counter(x0.device)
-        x_t, sigma = self.backend(x0.device, x0.dtype).noise(x0, sigma, self.tables(x0.device), self.k0, self.k1, call)
+        x_t, sigma = self.backend(x0.device, x0.dtype).noise(x0, sigma, self.op_args(x0.device))
         self.step += 1
+        self._remember_draw(x0, sigma, given)
         return x_t, sigma
 
     def loss(self, pred: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, reduction: str = "mean"):
@@ -287,12 +274,9 @@ class FlowMatchingLoss:
             raise ValueError(f"pred is on {pred.device} but x0 is on {x0.device}")
         if not isinstance(sigma, torch.Tensor) or sigma.shape != (x0.shape[0],) or sigma.device != x0.device:
             raise ValueError(f"sigma must be a tensor of shape ({x0.shape[0]},) on {x0.device}")
-        if self._call is None:
-            raise RuntimeError("loss() regenerates the eps of the latest noise() call: call noise() first")
-        out, terms = self.backend(x0.device, pred.dtype).loss(
-            pred, x0, sigma, self.tables(x0.device), self.k0, self.k1, self._counter(x0.device),
-            self.target, self.inv_sigma2, reduction == "mean",
-        )
+        self._check_draw(x0, sigma)
+        out, terms = self.backend(x0.device, pred.dtype).loss(pred, x0, sigma, self.op_args(x0.device),
+                                                              reduction == "mean")
         self.last_terms = terms
         return out
 
@@ -313,25 +297,12 @@ class FlowMatchingLoss:
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        call = int(self._call.item()) if self._call is not None else self._call_start
-        return {"seed": self.seed, "rank": self.rank, "call": call, "step": self.step,
-                "strategy": self.strategy.name, "shift": self.shift, "prediction": self.prediction}
+        return {**self._stream_state(), "strategy": self.strategy.name, "shift": self.shift,
+                "prediction": self.prediction}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "call", "step"):
-            if key not in state:
-                raise ValueError(f"state_dict is missing {key!r}")
-        if state.get("prediction", self.prediction) != self.prediction:
-            raise ValueError(f"state_dict is for prediction {state['prediction']!r}, this loss has {self.prediction!r}")
-        if state.get("strategy", self.strategy.name) != self.strategy.name:
-            raise ValueError(f"state_dict is for strategy {state['strategy']!r}, this loss has {self.strategy.name!r}")
-        self.seed = int(state["seed"])
-        self.rank = int(state.get("rank", self.rank))
-        self.k0, self.k1 = fold_key(self.seed, self.rank)
-        self.step = int(state["step"])
-        self._call_start = int(state["call"])
-        if self._call is not None:
-            self._call.fill_(self._call_start)
+        self._load_stream_state(state, expect={"prediction": self.prediction, "strategy": self.strategy.name})
+        self._args.clear()
 
     def __repr__(self) -> str:
         return (f"FlowMatchingLoss({self.strategy!r}, shift={self.shift}, prediction={self.prediction!r}, "

@@ -17,19 +17,12 @@ from . import reference
 from . import strategies as _strategies
 from .backends import KNOWN as KNOWN_BACKENDS
 from .backends import select
-from .rng import fold_key
+from .op_schema import DiffusionArgs
+from .stream import LossStream, resolve_device
 from .tables import ROW_CDF, ROW_WEIGHT, build_tables, sampling_row, target_code, weight_row
 
 
-def _resolve(device) -> torch.device:
-    if type(device) is not torch.device:  # per-call host time: skip the constructor when we can
-        device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-class DiffusionLoss:
+class DiffusionLoss(LossStream):
     """Weighted diffusion loss with strategy-driven time-step sampling.
 
     Args:
@@ -77,24 +70,15 @@ class DiffusionLoss:
         self.backend_name = backend
         if backend not in KNOWN_BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; known: {', '.join(KNOWN_BACKENDS)}")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.k0, self.k1 = fold_key(self.seed, self.rank)
         self.auto_update = auto_update
         self.check_inputs = check_inputs
-        self.step = 0  # noise calls made: the training step that dynamic strategies follow
-        self._call_start = 0
-        self._call: torch.Tensor | None = None
-        self._tables: dict[torch.device, torch.Tensor] = {}
         self._backend_cache: dict = {}
+        self._args: dict = {}  # device -> DiffusionArgs (the backends' named arguments)
+        self._init_stream(seed, rank)
         self._host_tables = self._build_host_tables()
         self.pivot = int(self.strategy.pivot(schedule)) if self.strategy.mirror else 0
         self._last_terms: torch.Tensor | None = None
         self.last_t: torch.Tensor | None = None
-        # the latest noise() draw, which loss() must score: (x0 shape, t returned, t given)
-        self._draw: tuple | None = None
 
     # ----------------------------------------------------------------- tables
     def _build_host_tables(self) -> torch.Tensor:
@@ -116,15 +100,6 @@ class DiffusionLoss:
         """float64 [T]: the weight of the MSE term at each t for this prediction target."""
         return torch.as_tensor(self.strategy.weights(self.schedule, prediction=self.prediction), dtype=torch.float64)
 
-    def tables(self, device) -> torch.Tensor:
-        """The float32 [NUM_ROWS, T] kernel table on `device` (created once, updated in place)."""
-        device = _resolve(device)
-        tab = self._tables.get(device)
-        if tab is None:
-            tab = self._host_tables.to(device)
-            self._tables[device] = tab
-        return tab
-
     def refresh_tables(self) -> None:
         """Recompute the strategy's rows and copy them in place into every device table
         (dynamic strategies; call outside a captured CUDA graph)."""
@@ -136,20 +111,17 @@ class DiffusionLoss:
             tab[ROW_CDF].copy_(self._host_tables[ROW_CDF], non_blocking=True)
             tab[ROW_WEIGHT].copy_(self._host_tables[ROW_WEIGHT], non_blocking=True)
 
-    def _counter(self, device) -> torch.Tensor:
-        """The device tensor holding the index of the next noise call (moves with the data)."""
-        device = _resolve(device)
-        if self._call is None:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                # a counter allocated inside a capture would be re-filled on every replay
-                raise RuntimeError(
-                    "DiffusionLoss: run one noise()/loss() step before capturing a CUDA graph "
-                    "(it allocates the device counter and tables; Triton compiles its kernels)"
-                )
-            self._call = torch.full((1,), self._call_start, dtype=torch.int64, device=device)
-        elif self._call.device != device:
-            self._call = self._call.to(device)
-        return self._call
+    def op_args(self, device) -> DiffusionArgs:
+        """The named arguments every backend's noise()/loss() takes on `device` (cached: the
+        table and the counter are the same tensors from call to call)."""
+        call = self._counter(device)
+        a = self._args.get(call.device)
+        if a is None or a.call is not call:
+            a = self._args[call.device] = DiffusionArgs(
+                self.tables(call.device), self.k0, self.k1, call, self.target, self.learn_sigma,
+                bool(self.strategy.mirror), self.pivot,
+            )
+        return a
 
     def backend(self, device, dtype: torch.dtype = torch.float32):
         """The backend object that runs on `device` (`auto` keeps float64 on the reference)."""
@@ -219,27 +191,21 @@ class DiffusionLoss:
             t = self._check_t(t, x0, self.backend(x0.device, x0.dtype).name if noise is None else "torch")
         if self.strategy.dynamic:
             self.refresh_tables()
-        tab = self.tables(x0.device)
+        a = self.op_args(x0.device)
         if noise is not None:
             if noise.shape != x0.shape or noise.device != x0.device:
                 raise ValueError(f"noise must match x0 in shape and device, got {tuple(noise.shape)} on {noise.device}")
-            if t is None:
+            if t is None:  # the strategy's draw, without the eps
                 from .rng import sample_timesteps
 
-                call = self._counter(x0.device)
-                t = sample_timesteps(x0.shape[0], tab[ROW_CDF], call, self.k0, self.k1, self.strategy.mirror, self.pivot)
-                call.add_(1)
+                t = sample_timesteps(x0.shape[0], a.tables[ROW_CDF], a.call, self.k0, self.k1, a.mirror, self.pivot)
+                a.call.add_(1)
                 self.step += 1
-            xf = x0.float() if x0.dtype != torch.float64 else x0
-            shape = (-1,) + (1,) * (x0.dim() - 1)
-            x_t = tab[0][t].to(xf.dtype).view(shape) * xf + tab[1][t].to(xf.dtype).view(shape) * noise.to(xf.dtype)
-            self._draw = (tuple(x0.shape), t, t_given)
-            return x_t.to(x0.dtype), t
-        call = self._counter(x0.device)
-        mirror = bool(self.strategy.mirror) and t is None
-        x_t, t = self.backend(x0.device, x0.dtype).noise(x0, t, tab, self.k0, self.k1, call, mirror, self.pivot)
-        self.step += 1
-        self._draw = (tuple(x0.shape), t, t_given)
+            x_t = reference.mix(x0, t, noise, a.tables)
+        else:
+            x_t, t = self.backend(x0.device, x0.dtype).noise(x0, t, a)
+            self.step += 1
+        self._remember_draw(x0, t, t_given)
         return x_t, t
 
     def loss(self, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, reduction: str = "mean", noise=None):
@@ -255,43 +221,19 @@ class DiffusionLoss:
         t = self._check_t(t, x0, "torch" if noise is not None else self.backend(x0.device, pred.dtype).name)
         if noise is None:
             self._check_draw(x0, t_arg)
-        tab = self.tables(x0.device)
         reduce_mean = reduction == "mean"
         if noise is not None:
             if noise.shape != x0.shape or noise.device != x0.device:
                 raise ValueError(f"noise must match x0 in shape and device, got {tuple(noise.shape)} on {noise.device}")
-            out, terms = reference.loss(
-                pred, x0, t, tab, self.k0, self.k1, None, self.target, self.learn_sigma, reduce_mean, eps=noise
-            )
+            out, terms = reference.loss(pred, x0, t, self.tables(x0.device), self.k0, self.k1, None, self.target,
+                                        self.learn_sigma, reduce_mean, eps=noise)
         else:
-            if self._call is None:
-                raise RuntimeError("loss() regenerates the eps of the latest noise() call: call noise() first")
-            out, terms = self.backend(x0.device, pred.dtype).loss(
-                pred, x0, t, tab, self.k0, self.k1, self._counter(x0.device), self.target, self.learn_sigma, reduce_mean
-            )
+            out, terms = self.backend(x0.device, pred.dtype).loss(pred, x0, t, self.op_args(x0.device), reduce_mean)
         self._last_terms = terms
         self.last_t = t
         if self.strategy.dynamic and self.auto_update:
             self.update_strategy(t, self.unweighted_losses(t, terms))
         return out
-
-    def _check_draw(self, x0, t) -> None:
-        """loss() regenerates the eps of the latest noise() call: refuse to score another batch or
-        a t that is not that draw's (identity of the tensor noise() returned or was given: no
-        device sync, no data read)."""
-        if self._draw is None:
-            return  # no noise() yet (or restored state): the RuntimeError below says so
-        shape, t_out, t_in = self._draw
-        if tuple(x0.shape) != shape:
-            raise ValueError(
-                f"loss() scores the latest noise() draw, which was for x0 of shape {shape}; got x0 of shape "
-                f"{tuple(x0.shape)} (call noise() on this batch first)"
-            )
-        if t is not t_out and t is not t_in and t.data_ptr() not in (t_out.data_ptr(), -1 if t_in is None else t_in.data_ptr()):
-            raise ValueError(
-                "loss() scores the latest noise() draw: t must be the tensor that noise() returned (or was "
-                "given); this t is another tensor (call noise() again, or pass the returned t)"
-            )
 
     @property
     def last_terms(self) -> dict:
@@ -323,34 +265,13 @@ class DiffusionLoss:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        call = int(self._call.item()) if self._call is not None else self._call_start
-        return {
-            "seed": self.seed,
-            "rank": self.rank,
-            "call": call,
-            "step": self.step,
-            "strategy": self.strategy.name,
-            "strategy_state": self.strategy.state_dict(),
-            "prediction": self.prediction,
-            "learn_sigma": self.learn_sigma,
-            "T": self.T,
-        }
+        return {**self._stream_state(), "strategy": self.strategy.name, "strategy_state": self.strategy.state_dict(),
+                "prediction": self.prediction, "learn_sigma": self.learn_sigma, "T": self.T}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "call", "step", "strategy_state"):
-            if key not in state:
-                raise ValueError(f"state_dict is missing {key!r}")
-        if state.get("T", self.T) != self.T:
-            raise ValueError(f"state_dict is for T={state['T']}, this loss has T={self.T}")
-        if state.get("strategy", self.strategy.name) != self.strategy.name:
-            raise ValueError(f"state_dict is for strategy {state['strategy']!r}, this loss runs {self.strategy.name!r}")
-        self.seed = int(state["seed"])
-        self.rank = int(state.get("rank", self.rank))
-        self.k0, self.k1 = fold_key(self.seed, self.rank)
-        self.step = int(state["step"])
-        self._call_start = int(state["call"])
-        if self._call is not None:
-            self._call.fill_(self._call_start)
+        self._load_stream_state(state, required=("strategy_state",),
+                                expect={"T": self.T, "strategy": self.strategy.name})
+        self._args.clear()  # the key may have changed
         self.strategy.load_state_dict(state["strategy_state"])
         self.refresh_tables()
 

@@ -49,12 +49,17 @@ def noise(x0, t_in, tables, k0, k1, call, mirror: bool, pivot: int):
         t = rng.sample_timesteps(batch, tables[ROW_CDF], call, k0, k1, mirror, pivot)
     else:
         t = t_in
-    eps = regenerate_eps(x0.shape, call, k0, k1, x0.device)
+    x_t = mix(x0, t, regenerate_eps(x0.shape, call, k0, k1, x0.device), tables)
+    call.add_(1)
+    return x_t, t
+
+
+def mix(x0, t, eps, tables):
+    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps in x0's dtype (arithmetic in float32, or float64)."""
     cd = _compute_dtype(x0)
     xf = x0.to(cd)
     x_t = _per_sample(tables[ROW_SQRT_AB], t, xf) * xf + _per_sample(tables[ROW_SQRT_1MAB], t, xf) * eps.to(cd)
-    call.add_(1)
-    return x_t.to(x0.dtype), t
+    return x_t.to(x0.dtype)
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:

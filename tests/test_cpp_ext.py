@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from speed_kernels.op_schema import DiffusionArgs
+
 from speed_kernels import _ext, reference, rng
 from speed_kernels import tables as tb
 from speed_kernels.schedules import NoiseSchedule
@@ -267,7 +269,7 @@ def test_loss_and_grad_match_reference(target, learn_sigma, reduce_mean, isa):
     p_ref = pred.clone().requires_grad_()
     p_cpp = pred.clone().requires_grad_()
     l_ref, terms_ref = reference.loss(p_ref, x0, t, tab, k0, k1, call, target, learn_sigma, reduce_mean)
-    l_cpp, terms_cpp = _cpp().loss(p_cpp, x0, t, tab, k0, k1, call, target, learn_sigma, reduce_mean)
+    l_cpp, terms_cpp = _cpp().loss(p_cpp, x0, t, DiffusionArgs(tab, k0, k1, call, target, learn_sigma), reduce_mean)
     assert l_cpp.shape == l_ref.shape and l_cpp.dtype == torch.float32
     assert terms_cpp.shape == (2, x0.shape[0]) and not terms_cpp.requires_grad
     assert relerr(l_cpp, l_ref) < 2e-5
@@ -308,7 +310,7 @@ def test_learned_sigma_t0_nll_gradient_per_sample():
     t = torch.zeros_like(t)
     p_ref, p_cpp = pred.clone().requires_grad_(), pred.clone().requires_grad_()
     l_ref, _ = reference.loss(p_ref, x0, t, tab, k0, k1, call, 0, True, False)
-    l_cpp, _ = _cpp().loss(p_cpp, x0, t, tab, k0, k1, call, 0, True, False)
+    l_cpp, _ = _cpp().loss(p_cpp, x0, t, DiffusionArgs(tab, k0, k1, call, 0, True), False)
     torch.testing.assert_close(l_cpp, l_ref, rtol=2e-5, atol=1e-6)
     l_ref.sum().backward()
     l_cpp.sum().backward()
@@ -322,7 +324,7 @@ def test_low_precision_inputs(dtype, target, learn_sigma, isa):
     pred, x0, t, tab, k0, k1, call = _inputs(target, learn_sigma, dtype=dtype, seed=1)
     p_ref, p_cpp = pred.clone().requires_grad_(), pred.clone().requires_grad_()
     l_ref, _ = reference.loss(p_ref, x0, t, tab, k0, k1, call, target, learn_sigma, True)
-    l_cpp, _ = _cpp().loss(p_cpp, x0, t, tab, k0, k1, call, target, learn_sigma, True)
+    l_cpp, _ = _cpp().loss(p_cpp, x0, t, DiffusionArgs(tab, k0, k1, call, target, learn_sigma), True)
     assert relerr(l_cpp, l_ref) < 2e-5
     l_ref.backward()
     l_cpp.backward()
@@ -351,7 +353,7 @@ def test_low_precision_no_worse_than_eager(dtype):
     l64 = (((p64 - eps.double()) ** 2).mean(dim=(1, 2, 3)) * w.double()).mean()
     l64.backward()
     p_c = pred.clone().requires_grad_()
-    l_c, _ = _cpp().loss(p_c, x0, t, tab, k0, k1, call, 0, False, True)
+    l_c, _ = _cpp().loss(p_c, x0, t, DiffusionArgs(tab, k0, k1, call, 0, False), True)
     l_c.backward()
     assert abs(l_c.item() - l64.item()) <= 2 * abs(l_e.float().item() - l64.item()) + 1e-6 * abs(l64.item())
     err_c = (p_c.grad.double() - p64.grad).abs().max().item()
@@ -365,7 +367,7 @@ def test_mixed_dtypes_bf16_pred_fp32_x0(isa):
     pred = pred.to(torch.bfloat16)
     p_ref, p_cpp = pred.clone().requires_grad_(), pred.clone().requires_grad_()
     l_ref, _ = reference.loss(p_ref, x0, t, tab, k0, k1, call, 0, True, True)
-    l_cpp, _ = _cpp().loss(p_cpp, x0, t, tab, k0, k1, call, 0, True, True)
+    l_cpp, _ = _cpp().loss(p_cpp, x0, t, DiffusionArgs(tab, k0, k1, call, 0, True), True)
     assert relerr(l_cpp, l_ref) < 2e-5
     l_ref.backward()
     l_cpp.backward()
@@ -377,7 +379,7 @@ def test_reduction_none_backward_after_more_noise_calls():
     pred, x0, t, tab, k0, k1, call = _inputs(1, False)
     p_ref, p_cpp = pred.clone().requires_grad_(), pred.clone().requires_grad_()
     l_ref, _ = reference.loss(p_ref, x0, t, tab, k0, k1, call, 1, False, False)
-    l_cpp, _ = _cpp().loss(p_cpp, x0, t, tab, k0, k1, call, 1, False, False)
+    l_cpp, _ = _cpp().loss(p_cpp, x0, t, DiffusionArgs(tab, k0, k1, call, 1, False), False)
     _ops().noise(x0, None, tab, k0, k1, call, False, 0)  # advances the live counter
     l_ref.sum().backward()
     l_cpp.sum().backward()
@@ -387,7 +389,7 @@ def test_reduction_none_backward_after_more_noise_calls():
 def test_no_grad_path_writes_no_gradient():
     pred, x0, t, tab, k0, k1, call = _inputs(0, False)
     with torch.no_grad():
-        l, terms = _cpp().loss(pred.requires_grad_(), x0, t, tab, k0, k1, call, 0, False, True)
+        l, terms = _cpp().loss(pred.requires_grad_(), x0, t, DiffusionArgs(tab, k0, k1, call, 0, False), True)
     assert not l.requires_grad
     out = _ops().loss(pred.detach(), x0, t, tab, k0, k1, call, 0, False, True, False)
     assert out[2].numel() == 0
@@ -453,7 +455,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="pred must be float32"):
         ops.loss(pred.double(), x0, t, tab, k0, k1, call, 0, False, True, True)
     with pytest.raises(ValueError, match="requires grad"):
-        _cpp().loss(pred, x0.requires_grad_(), t, tab, k0, k1, call, 0, False, True)
+        _cpp().loss(pred, x0.requires_grad_(), t, DiffusionArgs(tab, k0, k1, call, 0, False), True)
     # nothing of the above advanced the counter
     assert call.item() == 6
 
@@ -516,8 +518,8 @@ def test_torch_compile_traces_the_ops():
     be = _cpp()
 
     def step(x0, pred, call):
-        x_t, tt = be.noise(x0, None, tab, k0, k1, call, False, 0)
-        loss, terms = be.loss(pred, x0, tt, tab, k0, k1, call, 2, False, True)
+        x_t, tt = be.noise(x0, None, DiffusionArgs(tab, k0, k1, call, mirror=False, pivot=0))
+        loss, terms = be.loss(pred, x0, tt, DiffusionArgs(tab, k0, k1, call, 2, False), True)
         return loss, x_t
 
     c1, c2 = call.clone(), call.clone()

@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from speed_kernels.op_schema import DiffusionArgs
+
 from speed_kernels import _ext, reference, rng
 from speed_kernels import tables as tb
 from speed_kernels.schedules import NoiseSchedule
@@ -152,7 +154,7 @@ def test_loss_and_grad_match_reference(target, learn_sigma, reduce_mean):
     pred, x0, t, tab, k0, k1, call = _inputs(target, learn_sigma)
     p_ref, p_cu = pred.clone().requires_grad_(), pred.clone().requires_grad_()
     l_ref, terms_ref = reference.loss(p_ref, x0, t, tab, k0, k1, call, target, learn_sigma, reduce_mean)
-    l_cu, terms_cu = _cuda().loss(p_cu, x0, t, tab, k0, k1, call, target, learn_sigma, reduce_mean)
+    l_cu, terms_cu = _cuda().loss(p_cu, x0, t, DiffusionArgs(tab, k0, k1, call, target, learn_sigma), reduce_mean)
     assert l_cu.shape == l_ref.shape
     assert relerr(l_cu, l_ref) < 2e-5
     assert relerr(terms_cu[0], terms_ref[0]) < 2e-5
@@ -186,7 +188,7 @@ def test_low_precision(dtype, target, learn_sigma):
     pred, x0, t, tab, k0, k1, call = _inputs(target, learn_sigma, dtype=dtype, seed=1)
     p_ref, p_cu = pred.clone().requires_grad_(), pred.clone().requires_grad_()
     l_ref, _ = reference.loss(p_ref, x0, t, tab, k0, k1, call, target, learn_sigma, True)
-    l_cu, _ = _cuda().loss(p_cu, x0, t, tab, k0, k1, call, target, learn_sigma, True)
+    l_cu, _ = _cuda().loss(p_cu, x0, t, DiffusionArgs(tab, k0, k1, call, target, learn_sigma), True)
     assert relerr(l_cu, l_ref) < 5e-5
     l_ref.backward()
     l_cu.backward()
@@ -201,8 +203,8 @@ def test_low_precision(dtype, target, learn_sigma):
 
 def test_cuda_matches_cpp_backend():
     pred, x0, t, tab, k0, k1, call = _inputs(1, True, shape=(8, 3, 16, 16))
-    l_cu, terms_cu = _cuda().loss(pred, x0, t, tab, k0, k1, call, 1, True, False)
-    l_cpu, terms_cpu = _ext.backend("cpp").loss(pred.cpu(), x0.cpu(), t.cpu(), tab.cpu(), k0, k1, call.cpu(), 1, True, False)
+    l_cu, terms_cu = _cuda().loss(pred, x0, t, DiffusionArgs(tab, k0, k1, call, 1, True), False)
+    l_cpu, terms_cpu = _ext.backend("cpp").loss(pred.cpu(), x0.cpu(), t.cpu(), DiffusionArgs(tab.cpu(), k0, k1, call.cpu(), 1, True), False)
     assert relerr(l_cu.cpu(), l_cpu) < 2e-5
     assert relerr(terms_cu.cpu(), terms_cpu) < 2e-5
 
@@ -243,14 +245,14 @@ def test_cuda_graph_capture_advances_the_counter():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up outside the graph
-        be.noise(x0, None, tab, k0, k1, call, False, 0)
-        be.loss(p, x0, t, tab, k0, k1, call, 0, False, True)
+        be.noise(x0, None, DiffusionArgs(tab, k0, k1, call, mirror=False, pivot=0))
+        be.loss(p, x0, t, DiffusionArgs(tab, k0, k1, call, 0, False), True)
     torch.cuda.current_stream().wait_stream(s)
     call.fill_(100)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_xt, g_t = be.noise(x0, None, tab, k0, k1, call, False, 0)
-        g_loss, _ = be.loss(p, x0, g_t, tab, k0, k1, call, 0, False, True)
+        g_xt, g_t = be.noise(x0, None, DiffusionArgs(tab, k0, k1, call, mirror=False, pivot=0))
+        g_loss, _ = be.loss(p, x0, g_t, DiffusionArgs(tab, k0, k1, call, 0, False), True)
     call.fill_(200)
     for step in range(2):
         graph.replay()
@@ -268,8 +270,8 @@ def test_torch_compile_traces_the_cuda_ops():
     be = _cuda()
 
     def step(x0, pred, call):
-        x_t, tt = be.noise(x0, None, tab, k0, k1, call, False, 0)
-        loss, _ = be.loss(pred, x0, tt, tab, k0, k1, call, 2, False, True)
+        x_t, tt = be.noise(x0, None, DiffusionArgs(tab, k0, k1, call, mirror=False, pivot=0))
+        loss, _ = be.loss(pred, x0, tt, DiffusionArgs(tab, k0, k1, call, 2, False), True)
         return loss, x_t
 
     c1, c2 = call.clone(), call.clone()
@@ -295,10 +297,10 @@ def test_matches_triton_backend_when_available():
         missing("the triton backend", _LOAD_ERRORS.get("triton"))
     pred, x0, t, tab, k0, k1, call = _inputs(0, True, shape=(16, 4, 16, 16))
     c_a, c_b = call.clone(), call.clone()
-    x_tr, t_tr = tri.noise(x0, None, tab, k0, k1, c_a, True, 642)
-    x_cu, t_cu = _cuda().noise(x0, None, tab, k0, k1, c_b, True, 642)
+    x_tr, t_tr = tri.noise(x0, None, DiffusionArgs(tab, k0, k1, c_a, mirror=True, pivot=642))
+    x_cu, t_cu = _cuda().noise(x0, None, DiffusionArgs(tab, k0, k1, c_b, mirror=True, pivot=642))
     assert torch.equal(t_cu, t_tr)
     torch.testing.assert_close(x_cu, x_tr, rtol=1e-5, atol=4e-6)
-    l_tr, terms_tr = tri.loss(pred, x0, t_cu, tab, k0, k1, c_a, 0, True, False)
-    l_cu, terms_cu = _cuda().loss(pred, x0, t_cu, tab, k0, k1, c_b, 0, True, False)
+    l_tr, terms_tr = tri.loss(pred, x0, t_cu, DiffusionArgs(tab, k0, k1, c_a, 0, True), False)
+    l_cu, terms_cu = _cuda().loss(pred, x0, t_cu, DiffusionArgs(tab, k0, k1, c_b, 0, True), False)
     assert relerr(l_cu, l_tr) < 5e-5

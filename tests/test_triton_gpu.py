@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from speed_kernels.op_schema import DiffusionArgs
+
 from speed_kernels import reference, rng
 from speed_kernels.schedules import NoiseSchedule
 from speed_kernels.tables import ROW_SQRT_1MAB, ROW_SQRT_AB, ROW_WEIGHT, TARGETS, build_tables
@@ -58,6 +60,11 @@ def assert_rule(ours, ref_lo, ref64, floor):
     assert e <= 2 * e_ref + floor, f"error {e:.3g} vs reference's own {e_ref:.3g} (+{floor:.1g})"
 
 
+def _backend_loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
+    """BACKEND.loss with the reference's positional signature (the two are compared side by side)."""
+    return BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, target, learn_sigma), reduce_mean)
+
+
 def _grad(fn, pred, *args, go=None):
     p = pred.detach().clone().requires_grad_()
     loss, terms = fn(p, *args)
@@ -89,7 +96,7 @@ def test_gpu_noise_and_loss_match_reference(shape, dtype, case):
     torch.manual_seed(0)
     x0 = torch.randn(shape, device=DEV).clamp(-1.1, 1.1).to(dtype)
     c1, c2 = counter(41), counter(41)
-    xt, t = BACKEND.noise(x0, None, tables, k0, k1, c1, True, PIVOT)
+    xt, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, c1, mirror=True, pivot=PIVOT))
     xr, tr = reference.noise(x0, None, tables, k0, k1, c2, True, PIVOT)
     assert torch.equal(t, tr) and c1.item() == c2.item() == 42
     if dtype == torch.float32:
@@ -102,7 +109,7 @@ def test_gpu_noise_and_loss_match_reference(shape, dtype, case):
     B, C = shape[0], shape[1]
     pred = torch.randn(B, 2 * C if learn_sigma else C, *shape[2:], device=DEV).to(dtype)
     args = (x0, t, tables, k0, k1, c1, target, learn_sigma, True)
-    lo, to, go = _grad(BACKEND.loss, pred, *args)
+    lo, to, go = _grad(_backend_loss, pred, *args)
     lr, tr_, gr = _grad(reference.loss, pred, *args)
     l64, t64, g64 = _grad(reference.loss, pred.double(), x0.double(), *args[1:])
     if dtype == torch.float32 and not learn_sigma:
@@ -114,7 +121,7 @@ def test_gpu_noise_and_loss_match_reference(shape, dtype, case):
     # reduction none with a non-uniform grad_output: the backward kernel
     g_out = torch.linspace(-1, 2, B, device=DEV)
     args_n = args[:-1] + (False,)
-    ln, _, gn = _grad(BACKEND.loss, pred, *args_n, go=g_out)
+    ln, _, gn = _grad(_backend_loss, pred, *args_n, go=g_out)
     lrn, _, grn = _grad(reference.loss, pred, *args_n, go=g_out)
     l64n, _, g64n = _grad(reference.loss, pred.double(), x0.double(), *args_n[1:], go=g_out.double())
     assert_rule(ln, lrn, l64n, floor=1e-5 * l64n.abs().max().item())
@@ -127,10 +134,10 @@ def test_gpu_loss_is_deterministic():
     shape = SHAPES[-1]
     x0 = torch.randn(shape, device=DEV)
     call = counter(1)
-    _, t = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
+    _, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
     pred = torch.randn(shape[0], 2 * shape[1], *shape[2:], device=DEV)
-    a = _grad(BACKEND.loss, pred, x0, t, tables, k0, k1, call, 0, True, True)
-    b = _grad(BACKEND.loss, pred, x0, t, tables, k0, k1, call, 0, True, True)
+    a = _grad(_backend_loss, pred, x0, t, tables, k0, k1, call, 0, True, True)
+    b = _grad(_backend_loss, pred, x0, t, tables, k0, k1, call, 0, True, True)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -143,7 +150,7 @@ def test_gpu_two_seeds_are_independent():
     xs = []
     for seed in (1, 2):
         k0, k1 = rng.fold_key(seed)
-        xt, _ = BACKEND.noise(x0, t_in, tables, k0, k1, counter(), False, 0)
+        xt, _ = BACKEND.noise(x0, t_in, DiffusionArgs(tables, k0, k1, counter(), mirror=False, pivot=0))
         xs.append((xt / tables[ROW_SQRT_1MAB][T - 1]).flatten().double())
     a, b = xs
     tol = 6 / math.sqrt(a.numel())
@@ -164,9 +171,9 @@ def test_gpu_compile_fullgraph_matches_eager():
     conv = torch.nn.Conv2d(C, 2 * C, 1).to(DEV)
 
     def step(x0, call):
-        x_t, t = BACKEND.noise(x0, None, tables, k0, k1, call, True, PIVOT)
+        x_t, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=True, pivot=PIVOT))
         pred = conv(x_t)
-        loss, terms = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 1, True, True)
+        loss, terms = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 1, True), True)
         return loss, t, x_t
 
     compiled = torch.compile(step, fullgraph=True)
@@ -202,15 +209,15 @@ def test_gpu_cuda_graph_replay_fresh_randomness():
     with torch.cuda.stream(s):  # warm up (Triton compiles) outside the capture
         for _ in range(2):
             pred.grad = None
-            x_t, t = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
-            loss, _ = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, True, True)
+            x_t, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
+            loss, _ = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 0, True), True)
             loss.backward()
     torch.cuda.current_stream().wait_stream(s)
     pred.grad = None
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        x_t, t = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
-        loss, _ = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, True, True)
+        x_t, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
+        loss, _ = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 0, True), True)
         loss.backward()
     start = call.item()  # capture does not run the kernels
     seen = []
@@ -273,7 +280,7 @@ def test_gpu_over_2_31_elements():
     x0 = torch.full((B, n), 0.5, dtype=torch.float16, device=DEV)
     t_in = torch.tensor([10, 900], device=DEV)
     call = counter(3)
-    xt, t = BACKEND.noise(x0, t_in, tables, k0, k1, call, False, 0)
+    xt, t = BACKEND.noise(x0, t_in, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
     # check elements at the very end of sample 1 (global offset ~2^31 + 2^21) against the contract
     j = torch.tensor([0, 1, 2, 3, n - 8, n - 5, n - 2, n - 1], dtype=torch.int64)
     for b in range(B):
@@ -288,7 +295,7 @@ def test_gpu_over_2_31_elements():
     del xt
     # fp32 pred: the gradient 2 w eps / n ~ 1e-9 would underflow in fp16
     pred = torch.zeros(B, n, dtype=torch.float32, device=DEV, requires_grad=True)
-    per, terms = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, False, False)
+    per, terms = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 0, False), False)
     w = tables[ROW_WEIGHT][t_in]
     torch.testing.assert_close(per, w, rtol=2e-3, atol=0)  # w * mean(eps^2), n ~ 1e9
     per.sum().backward()
@@ -317,8 +324,8 @@ def test_gpu_counter_and_determinism_stress(shape):
         call = counter(1000)
         out = []
         for _ in range(steps):
-            _, t = BACKEND.noise(x0, None, tables, k0, k1, call, True, PIVOT)
-            loss, terms = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 1, True, True)
+            _, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=True, pivot=PIVOT))
+            loss, terms = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 1, True), True)
             out.append(torch.cat([loss.view(1), terms.flatten()]))
         assert call.item() == 1000 + steps
         runs.append(torch.stack(out))

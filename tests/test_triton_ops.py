@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from speed_kernels.op_schema import DiffusionArgs
+
 from speed_kernels import reference, rng
 from speed_kernels.schedules import NoiseSchedule
 from speed_kernels.tables import ROW_SQRT_AB, TARGETS, build_tables
@@ -168,7 +170,7 @@ def test_noise_matches_reference(mode, dtype, layout):
     x0 = torch.randn(B, *shape, device=DEV).to(dtype)
     t_in = torch.tensor([0, 999, 5, 642, 1, 998, 300], device=DEV) if mode == "given" else None
     c_ours, c_ref = counter(11), counter(11)
-    xt, t = BACKEND.noise(x0, t_in, tables, k0, k1, c_ours, mode == "mirror", PIVOT)
+    xt, t = BACKEND.noise(x0, t_in, DiffusionArgs(tables, k0, k1, c_ours, mirror=mode == "mirror", pivot=PIVOT))
     xr, tr = reference.noise(x0, t_in, tables, k0, k1, c_ref, mode == "mirror", PIVOT)
     assert t.dtype == torch.int64 and torch.equal(t, tr)
     assert xt.dtype == dtype and xt.shape == x0.shape
@@ -188,15 +190,15 @@ def test_noise_fresh_per_call_and_given_t_is_copied():
     k0, k1 = KEY
     x0 = torch.zeros(24, 1, 2, 2, device=DEV)
     call = counter()
-    xa, ta = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
-    xb, tb = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
+    xa, ta = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
+    xb, tb = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
     assert call.item() == 2
     assert not torch.equal(ta, tb) and not torch.equal(xa, xb)
     # another seed: another stream
-    xc, tc = BACKEND.noise(x0, None, tables, k0 ^ 1, k1, counter(), False, 0)
+    xc, tc = BACKEND.noise(x0, None, DiffusionArgs(tables, k0 ^ 1, k1, counter(), mirror=False, pivot=0))
     assert not torch.equal(ta, tc)
     t_in = ta.clone()
-    _, t2 = BACKEND.noise(x0, t_in, tables, k0, k1, call, False, 0)
+    _, t2 = BACKEND.noise(x0, t_in, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
     assert torch.equal(t2, t_in) and t2.data_ptr() != t_in.data_ptr()
 
 
@@ -205,12 +207,12 @@ def test_noise_noncontiguous_and_differentiable_x0():
     k0, k1 = KEY
     base = torch.randn(4, 6, 3, device=DEV)
     x0 = base.transpose(1, 2)  # non-contiguous: made contiguous inside
-    xt, t = BACKEND.noise(x0, None, tables, k0, k1, counter(3), False, 0)
+    xt, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, counter(3), mirror=False, pivot=0))
     xr, tr = reference.noise(x0, None, tables, k0, k1, counter(3), False, 0)
     assert torch.equal(t, tr)
     torch.testing.assert_close(xt, xr, rtol=1e-5, atol=2e-6)
     x0g = torch.randn(4, 2, 3, device=DEV, requires_grad=True)
-    xt, t = BACKEND.noise(x0g, None, tables, k0, k1, counter(), False, 0)
+    xt, t = BACKEND.noise(x0g, None, DiffusionArgs(tables, k0, k1, counter(), mirror=False, pivot=0))
     xt.sum().backward()
     want = tables[ROW_SQRT_AB][t].view(-1, 1, 1).expand_as(x0g)
     torch.testing.assert_close(x0g.grad, want)
@@ -233,6 +235,11 @@ def _loss_case(target, learn_sigma, dtype=torch.float32, B=6, shape=(2, 3, 5), s
     return tables, x0, t, call, pred
 
 
+def _backend_loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
+    """BACKEND.loss with the reference's positional signature (the two are compared side by side)."""
+    return BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, target, learn_sigma), reduce_mean)
+
+
 def _run(fn, pred, *args, grad_output):
     p = pred.detach().clone().requires_grad_()
     loss, terms = fn(p, *args)
@@ -250,7 +257,7 @@ def test_loss_and_gradient_match_reference(target, learn_sigma, reduce_mean, lay
     B = x0.shape[0]
     go = torch.tensor(1.75, device=DEV) if reduce_mean else torch.linspace(-1.0, 2.0, B, device=DEV)
     args = (x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean)
-    lo, to, go_ = _run(BACKEND.loss, pred, *args, grad_output=go)
+    lo, to, go_ = _run(_backend_loss, pred, *args, grad_output=go)
     lr, tr, gr = _run(reference.loss, pred, *args, grad_output=go)
     assert lo.shape == lr.shape and lo.dtype == torch.float32
     assert to.shape == (2, B) and not to.requires_grad
@@ -285,7 +292,7 @@ def test_loss_low_precision(dtype, learn_sigma):
     k0, k1 = KEY
     go = torch.tensor(1.0, device=DEV)
     args = (x0, t, tables, k0, k1, call, target, learn_sigma, True)
-    lo, to, g = _run(BACKEND.loss, pred, *args, grad_output=go)
+    lo, to, g = _run(_backend_loss, pred, *args, grad_output=go)
     lr, tr, gr = _run(reference.loss, pred, *args, grad_output=go)
     l64, t64, g64 = _run(reference.loss, pred.double(), x0.double(), *args[1:], grad_output=go.double())
     assert g.dtype == dtype
@@ -299,17 +306,17 @@ def test_loss_regenerates_eps_of_latest_call_and_is_deterministic():
     k0, k1 = KEY
     x0 = torch.randn(4, 2, 3, 3, device=DEV)
     call = counter()
-    BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
-    xt, t = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
+    BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
+    xt, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
     sab = tables[0][t].view(-1, 1, 1, 1)
     s1 = tables[1][t].view(-1, 1, 1, 1)
     eps = (xt - sab * x0) / s1
     # the perfect eps prediction has (almost) zero loss: eps is that of the second call
-    loss, terms = BACKEND.loss(eps, x0, t, tables, k0, k1, call, 0, False, True)
+    loss, terms = BACKEND.loss(eps, x0, t, DiffusionArgs(tables, k0, k1, call, 0, False), True)
     assert loss.item() < 1e-8
     pred = torch.randn_like(x0)
-    a, _ = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, False, True)
-    b, _ = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, False, True)
+    a, _ = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 0, False), True)
+    b, _ = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 0, False), True)
     assert torch.equal(a, b)
 
 
@@ -317,8 +324,8 @@ def test_no_grad_path_matches():
     tables, x0, t, call, pred = _loss_case(0, True)
     k0, k1 = KEY
     with torch.no_grad():
-        a, ta = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, True, True)
-    b, tb = BACKEND.loss(pred.clone().requires_grad_(), x0, t, tables, k0, k1, call, 0, True, True)
+        a, ta = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 0, True), True)
+    b, tb = BACKEND.loss(pred.clone().requires_grad_(), x0, t, DiffusionArgs(tables, k0, k1, call, 0, True), True)
     assert torch.equal(a, b.detach()) and torch.equal(ta, tb) and not a.requires_grad
 
 
@@ -326,7 +333,7 @@ def test_backward_scaling_in_place_and_retain_graph():
     tables, x0, t, call, pred = _loss_case(0, False)
     k0, k1 = KEY
     p = pred.clone().requires_grad_()
-    loss, _ = BACKEND.loss(p, x0, t, tables, k0, k1, call, 0, False, True)
+    loss, _ = BACKEND.loss(p, x0, t, DiffusionArgs(tables, k0, k1, call, 0, False), True)
     (g1,) = torch.autograd.grad(loss, p, retain_graph=True)
     g1 = g1.clone()
     (loss * 3).backward(retain_graph=True)
@@ -360,7 +367,7 @@ def test_reduction_none_expanded_grad_output():
     tables, x0, t, call, pred = _loss_case(2, True)
     k0, k1 = KEY
     p = pred.clone().requires_grad_()
-    per, _ = BACKEND.loss(p, x0, t, tables, k0, k1, call, 2, True, False)
+    per, _ = BACKEND.loss(p, x0, t, DiffusionArgs(tables, k0, k1, call, 2, True), False)
     per.sum().backward()  # grad_output is a stride-0 expand of a scalar
     pr = pred.clone().requires_grad_()
     ref, _ = reference.loss(pr, x0, t, tables, k0, k1, call, 2, True, False)
@@ -374,23 +381,23 @@ def test_bad_inputs_raise():
     tables, x0, t, call, pred = _loss_case(0, False)
     k0, k1 = KEY
     with pytest.raises(ValueError, match="pred has shape"):
-        BACKEND.loss(pred[:, :1], x0, t, tables, k0, k1, call, 0, False, True)
+        BACKEND.loss(pred[:, :1], x0, t, DiffusionArgs(tables, k0, k1, call, 0, False), True)
     with pytest.raises(ValueError, match="2C channels"):
-        BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, True, True)
+        BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 0, True), True)
     with pytest.raises(ValueError, match="t must be int64"):
-        BACKEND.loss(pred, x0, t.int(), tables, k0, k1, call, 0, False, True)
+        BACKEND.loss(pred, x0, t.int(), DiffusionArgs(tables, k0, k1, call, 0, False), True)
     with pytest.raises(ValueError, match="t must be int64"):
-        BACKEND.loss(pred, x0, t[:-1], tables, k0, k1, call, 0, False, True)
+        BACKEND.loss(pred, x0, t[:-1], DiffusionArgs(tables, k0, k1, call, 0, False), True)
     with pytest.raises(ValueError, match="target"):
-        BACKEND.loss(pred, x0, t, tables, k0, k1, call, 3, False, True)
+        BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 3, False), True)
     with pytest.raises(TypeError, match="float64"):
-        BACKEND.noise(x0.double(), None, tables, k0, k1, call, False, 0)
+        BACKEND.noise(x0.double(), None, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
     with pytest.raises(ValueError, match="tables"):
-        BACKEND.noise(x0, None, tables[:4], k0, k1, call, False, 0)
+        BACKEND.noise(x0, None, DiffusionArgs(tables[:4], k0, k1, call, mirror=False, pivot=0))
     with pytest.raises(ValueError, match="call"):
-        BACKEND.noise(x0, None, tables, k0, k1, call.int(), False, 0)
+        BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call.int(), mirror=False, pivot=0))
     with pytest.raises(ValueError, match="t_in"):
-        BACKEND.noise(x0, t[:2], tables, k0, k1, call, False, 0)
+        BACKEND.noise(x0, t[:2], DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True], ids=["mse", "learned-sigma"])
@@ -481,21 +488,34 @@ def test_registered_ops_match_eager_path_and_pass_opcheck():
     tables, x0, t, call, pred = _loss_case(1, True)
     k0, k1 = KEY
     args = (x0, t, tables, k0, k1, call, 1, True, True)
+    ops = torch.ops.speed_kernels
     p = pred.clone().requires_grad_()
-    loss, terms, *_ = torch.ops.speed_triton.loss(p, *args)
+    loss, terms, _ = ops.loss.triton(p, *args, True)
     (loss * 2).backward()
-    le, te, ge = _run(BACKEND.loss, pred, *args, grad_output=torch.tensor(2.0, device=DEV))
+    le, te, ge = _run(_backend_loss, pred, *args, grad_output=torch.tensor(2.0, device=DEV))
     assert torch.equal(loss.detach(), le) and torch.equal(terms, te)
     torch.testing.assert_close(p.grad, ge)
+    # reduction none: backward through loss_backward.triton
+    p = pred.clone().requires_grad_()
+    per, _, empty = ops.loss.triton(p, x0, t, tables, k0, k1, call, 1, True, False, False)
+    assert empty.numel() == 0
+    go = torch.linspace(-1.0, 2.0, x0.shape[0], device=DEV)
+    (gn,) = torch.autograd.grad(per, p, go)
+    ln, _, gr = _run(_backend_loss, pred, *args[:-1], False, grad_output=go)
+    assert torch.equal(per.detach(), ln)
+    torch.testing.assert_close(gn, gr)
     c1, c2 = counter(9), counter(9)
-    xa, ta = torch.ops.speed_triton.noise(x0, None, tables, k0, k1, c1, True, PIVOT)
-    xb, tb = BACKEND.noise(x0, None, tables, k0, k1, c2, True, PIVOT)
+    xa, ta = ops.noise.triton(x0, None, tables, k0, k1, c1, True, PIVOT)
+    xb, tb = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, c2, mirror=True, pivot=PIVOT))
     assert torch.equal(ta, tb) and torch.equal(xa, xb) and c1.item() == c2.item() == 10
-    for op, op_args in (
-        (torch.ops.speed_triton.loss.default, (pred.clone().requires_grad_(), *args)),
-        (torch.ops.speed_triton.noise.default, (x0, None, tables, k0, k1, counter(), False, 0)),
-    ):
-        torch.library.opcheck(op, op_args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for reduce_mean in (True, False):
+        torch.library.opcheck(ops.loss.triton, (pred.clone().requires_grad_(), *args[:-1], reduce_mean, reduce_mean),
+                              test_utils=utils)
+    torch.library.opcheck(ops.noise.triton, (x0, None, tables, k0, k1, counter(), False, 0), test_utils=utils)
+    torch.library.opcheck(ops.loss_backward.triton, (go, pred, x0, t, tables, k0, k1, call, 1, True), test_utils=utils)
+    with pytest.raises(ValueError, match="with_grad needs reduce_mean"):
+        ops.loss.triton(pred, x0, t, tables, k0, k1, call, 1, True, False, True)
 
 
 def test_counter_advances_and_the_loss_depends_only_on_the_call_index(monkeypatch):
@@ -509,13 +529,13 @@ def test_counter_advances_and_the_loss_depends_only_on_the_call_index(monkeypatc
     call = counter(40)
     losses = []
     for i in range(3):
-        _, t = BACKEND.noise(x0, None, tables, k0, k1, call, False, 0)
-        loss, terms = BACKEND.loss(pred, x0, t, tables, k0, k1, call, 0, True, True)
+        _, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, call, mirror=False, pivot=0))
+        loss, terms = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, call, 0, True), True)
         losses.append(loss)
         assert call.item() == 41 + i
     other = counter(42)
-    _, t = BACKEND.noise(x0, None, tables, k0, k1, other, False, 0)
-    loss, _ = BACKEND.loss(pred, x0, t, tables, k0, k1, other, 0, True, True)
+    _, t = BACKEND.noise(x0, None, DiffusionArgs(tables, k0, k1, other, mirror=False, pivot=0))
+    loss, _ = BACKEND.loss(pred, x0, t, DiffusionArgs(tables, k0, k1, other, 0, True), True)
     assert torch.equal(loss, losses[-1])
     assert not torch.equal(losses[0], losses[1])
 

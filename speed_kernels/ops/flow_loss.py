@@ -8,16 +8,17 @@ The per-sample weight w (a [B] vector: the table interpolation and the optional 
 reference.flow_weight) and the partial-sum reduction are tiny torch ops on the device: no host
 sync. Backward multiplies the saved per-sample gradient by grad_output[b] (one pass; the DDPM
 loss folds that pass into the forward for the mean reduction, this op keeps one code path for
-both reductions). Registered as torch.ops.speed_flow_triton.loss with an autograd formula, so
-torch.compile(fullgraph=True) sees one opaque node.
+both reductions). Registered as torch.ops.speed_kernels.flow_loss.triton (schema, fake and
+autograd formula from speed_kernels.op_schema), so torch.compile(fullgraph=True) sees one opaque node.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
+from .. import _ext  # noqa: F401  (defines the ops' default overloads first, where built)
+from .. import op_schema
 from ..reference import flow_weight
 from . import philox as P
 from .flow_noise import check_flow_common
@@ -80,36 +81,14 @@ def flow_loss_launch(pred, x0, w, call_used, k0, k1, target, need_grad):
     return per, grad
 
 
-@torch.library.custom_op("speed_flow_triton::loss", mutates_args=())
-def triton_flow_loss(pred: Tensor, x0: Tensor, w: Tensor, call_used: Tensor, k0: int, k1: int, target: int,
-                     need_grad: bool) -> tuple[Tensor, Tensor]:
-    return flow_loss_launch(pred, x0, w, call_used, k0, k1, target, need_grad)
+def _flow_loss_impl(pred, x0, sigma, tables, k0, k1, call_used, target, inv_sigma2, with_grad):
+    w = flow_weight(sigma.to(torch.float32), tables, bool(inv_sigma2))
+    return flow_loss_launch(pred, x0, w, call_used, k0, k1, target, with_grad)
 
 
-@triton_flow_loss.register_fake
-def _fake(pred, x0, w, call_used, k0, k1, target, need_grad):
-    per = x0.new_empty((x0.shape[0],), dtype=torch.float32)
-    return per, (torch.empty_like(pred) if need_grad else pred.new_empty(0))
-
-
-def _setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(output[1])
-    ctx.need_grad = inputs[-1]
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, g_per, g_grad):
-    if g_per is None:
-        return (None,) * 8
-    if not ctx.need_grad:
-        raise RuntimeError("speed_flow_triton::loss ran with need_grad=False; no gradient to give")
-    (grad,) = ctx.saved_tensors
-    g = g_per.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
-    return (grad * g,) + (None,) * 7
-
-
-triton_flow_loss.register_autograd(_backward, setup_context=_setup)
+op_schema.define_overload("flow_loss", "triton", _flow_loss_impl)
+op_schema.register_autograd("speed_kernels::flow_loss.triton", op_schema.FLOW_LOSS_AUTOGRAD)
+_FLOW_LOSS_OP = torch.ops.speed_kernels.flow_loss.triton
 
 
 def check_flow_loss_inputs(pred, x0, sigma, tables, call, target) -> None:
@@ -124,12 +103,11 @@ def check_flow_loss_inputs(pred, x0, sigma, tables, call, target) -> None:
         raise ValueError(f"target must be 0 (eps), 1 (v) or 2 (x0), got {target!r}")
 
 
-def flow_loss(pred, x0, sigma, tables, k0, k1, call, target, inv_sigma2, reduce_mean):
+def flow_loss(pred, x0, sigma, a, reduce_mean):
     """(loss, terms): batch mean or per-sample [B] loss, and the detached per-sample [B]."""
-    check_flow_loss_inputs(pred, x0, sigma, tables, call, target)
-    w = flow_weight(sigma.to(torch.float32), tables, bool(inv_sigma2))
-    call_used = call - 1  # a snapshot: a later noise call may advance `call` before backward
-    need_grad = bool(pred.requires_grad and torch.is_grad_enabled())
-    per, _grad = torch.ops.speed_flow_triton.loss(pred, x0.detach(), w, call_used, int(k0), int(k1), int(target),
-                                                  need_grad)
+    check_flow_loss_inputs(pred, x0, sigma, a.tables, a.call, a.target)
+    call_used = a.call - 1  # a snapshot: a later noise call may advance `call` before backward
+    with_grad = bool(pred.requires_grad and torch.is_grad_enabled())
+    per, _grad = _FLOW_LOSS_OP(pred, x0.detach(), sigma, a.tables, int(a.k0), int(a.k1), call_used, int(a.target),
+                               bool(a.inv_sigma2), with_grad)
     return (per.mean() if reduce_mean else per), per.detach()

@@ -6,18 +6,17 @@ philox(0, sample, call, stream 2); sigma = q[j] + f * dq[j] with pos = u * N, j 
 f = pos - j: f * dq[j] is exact in float32 (12 + 12 significant bits), so a fused multiply-add
 and a separate multiply and add round to the same float and sigma equals the reference's bit
 for bit. The counter is advanced by a stream-ordered `call.add_(1)` after the launch (no host
-sync; CUDA-graph safe). Registered as torch.ops.speed_flow_triton.noise for
-torch.compile(fullgraph=True).
+sync; CUDA-graph safe). Registered as torch.ops.speed_kernels.flow_noise.triton (schema and fake
+from speed_kernels.op_schema) for torch.compile(fullgraph=True).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
+from .. import _ext  # noqa: F401  (defines the ops' default overloads first, where built)
+from .. import op_schema
 from ..reference import FLOW_NUM_ROWS, FLOW_ROW_DQ, FLOW_ROW_Q, FLOW_STREAM_SIGMA
 from . import philox as P
 from .noise import FLOAT_DTYPES, _block_offsets, _eps_block, launch_config, load_f32, store_as
@@ -66,7 +65,7 @@ def _flow_noise_kernel(
     tl.store(sigma_out_ptr + b, sigma, mask=c == 0)
 
 
-def check_flow_common(x0: Tensor, tables: Tensor, call: Tensor) -> None:
+def check_flow_common(x0: torch.Tensor, tables: torch.Tensor, call: torch.Tensor) -> None:
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
     if x0.dtype not in FLOAT_DTYPES:
@@ -99,23 +98,16 @@ def flow_noise_launch(x0, sigma_in, tables, k0, k1, call):
     return x_t, sigma
 
 
-@torch.library.custom_op("speed_flow_triton::noise", mutates_args=("call",))
-def triton_flow_noise(x0: Tensor, sigma_in: Optional[Tensor], tables: Tensor, k0: int, k1: int,
-                      call: Tensor) -> tuple[Tensor, Tensor]:
-    return flow_noise_launch(x0, sigma_in, tables, k0, k1, call)
+op_schema.define_overload("flow_noise", "triton", flow_noise_launch)
+_FLOW_NOISE_OP = torch.ops.speed_kernels.flow_noise.triton
 
 
-@triton_flow_noise.register_fake
-def _fake(x0, sigma_in, tables, k0, k1, call):
-    return torch.empty_like(x0), x0.new_empty((x0.shape[0],), dtype=torch.float32)
-
-
-def flow_noise(x0, sigma_in, tables, k0, k1, call):
-    """(x_t in x0's dtype, sigma float32 [B]); advances `call`. x0 is data (no gradient)."""
-    check_flow_common(x0, tables, call)
+def flow_noise(x0, sigma_in, a):
+    """(x_t in x0's dtype, sigma float32 [B]); advances `a.call`. x0 is data (no gradient)."""
+    check_flow_common(x0, a.tables, a.call)
     if sigma_in is not None and (sigma_in.shape != (x0.shape[0],) or sigma_in.device != x0.device):
         raise ValueError(f"sigma must be a [{x0.shape[0]}] tensor on {x0.device}")
-    args = (x0.detach(), sigma_in, tables, int(k0), int(k1), call)
+    args = (x0.detach(), sigma_in, a.tables, int(a.k0), int(a.k1), a.call)
     if torch.compiler.is_compiling():
-        return torch.ops.speed_flow_triton.noise(*args)
+        return _FLOW_NOISE_OP(*args)
     return flow_noise_launch(*args)

@@ -1,9 +1,10 @@
-"""The `triton` backend: the fused ops registered with torch.library, and the backend object.
+"""The `triton` backend: the Triton overloads of the ops of speed_kernels.op_schema, and the
+backend object.
 
-Registration (`torch.library.custom_op` + `register_fake` + `register_autograd`) makes the ops
-opaque nodes for torch.compile (fullgraph=True works, no graph break). Eager calls skip the
-custom-op dispatcher (about 3x its host cost) and launch the same kernels directly, with a plain
-autograd.Function for the loss. Both paths are valid under CUDA-graph capture: the call counter
+``torch.ops.speed_kernels.{noise, loss, loss_backward}.triton`` (schema, fake kernel and autograd
+formula from op_schema) are opaque nodes for torch.compile (fullgraph=True works, no graph break).
+Eager calls skip the dispatcher (about 3x its host cost) and launch the same kernels directly, with
+a plain autograd.Function for the loss. Both paths are valid under CUDA-graph capture: the call counter
 is a device tensor the noise op mutates (declared in `mutates_args`), so every replay of a
 captured step draws fresh t and eps.
 
@@ -14,116 +15,58 @@ Supported dtypes: float32, float16, bfloat16 (arithmetic in float32); float64 ->
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .. import _ext  # noqa: F401  (defines the ops' default overloads first, where built)
+from .. import op_schema
 from ..tables import ROW_SQRT_AB
 from . import loss as _loss
 from . import noise as _noise
 
 # ---------------------------------------------------------------------------------------------
-# noise op
+# the Triton overloads of the ops of speed_kernels.op_schema (what torch.compile traces)
 
 
-@torch.library.custom_op("speed_triton::noise", mutates_args=("call",))
-def triton_noise(
-    x0: Tensor, t_in: Optional[Tensor], tables: Tensor, k0: int, k1: int, call: Tensor, mirror: bool, pivot: int
-) -> tuple[Tensor, Tensor]:
-    return _noise.noise_launch(x0, t_in, tables, k0, k1, call, mirror, pivot)
+def _loss_impl(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, with_grad):
+    if with_grad and not reduce_mean:
+        raise ValueError("speed_kernels::loss: with_grad needs reduce_mean (reduction none recomputes the "
+                         "gradient in loss_backward)")
+    loss, terms, grad, _scale, _call_used = _loss.loss_forward(
+        pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, need_grad=with_grad
+    )
+    return loss, terms, grad
 
 
-@triton_noise.register_fake
-def _noise_fake(x0, t_in, tables, k0, k1, call, mirror, pivot):
-    return torch.empty(x0.shape, dtype=x0.dtype, device=x0.device), x0.new_empty(x0.shape[0], dtype=torch.int64)
+def _loss_backward_impl(grad_loss, pred, x0, t, tables, k0, k1, call, target, learn_sigma):
+    return _loss.loss_grad(pred, x0, t, tables, k0, k1, call - 1, target, learn_sigma, grad_loss)
 
 
+op_schema.define_overload("noise", "triton", _noise.noise_launch)
+op_schema.define_overload("loss", "triton", _loss_impl)
+op_schema.define_overload("loss_backward", "triton", _loss_backward_impl)
+op_schema.register_autograd("speed_kernels::loss.triton", op_schema.loss_autograd("triton"))
+_NOISE_OP = torch.ops.speed_kernels.noise.triton
+_LOSS_OP = torch.ops.speed_kernels.loss.triton
 
 # ---------------------------------------------------------------------------------------------
-# loss op
-
-
-@torch.library.custom_op("speed_triton::loss", mutates_args=())
-def triton_loss(
-    pred: Tensor, x0: Tensor, t: Tensor, tables: Tensor, k0: int, k1: int, call: Tensor,
-    target: int, learn_sigma: bool, reduce_mean: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, terms [2,B], grad of the mean loss w.r.t. pred (empty for 'none'), grad-scale
-    state [2], call index of the eps used [1])."""
-    return _loss.loss_forward(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean)
-
-
-@triton_loss.register_fake
-def _loss_fake(pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
-    B = x0.shape[0]
-    f32 = dict(dtype=torch.float32, device=x0.device)
-    loss = torch.empty((), **f32) if reduce_mean else torch.empty(B, **f32)
-    grad = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device) if reduce_mean else pred.new_empty(0)
-    return (loss, torch.empty(2, B, **f32), grad, torch.empty(2, **f32),
-            torch.empty(1, dtype=torch.int64, device=x0.device))
-
-
-@torch.library.custom_op("speed_triton::loss_grad", mutates_args=())
-def triton_loss_grad(
-    pred: Tensor, x0: Tensor, t: Tensor, tables: Tensor, k0: int, k1: int, call_used: Tensor,
-    target: int, learn_sigma: bool, grad_output: Tensor,
-) -> Tensor:
-    return _loss.loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_output)
-
-
-@triton_loss_grad.register_fake
-def _loss_grad_fake(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, grad_output):
-    return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-
-
-def _save(ctx, inputs, output):
-    """What the backward needs (shared by the custom op's autograd and the eager Function)."""
-    pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean = inputs
-    loss, terms, grad, scale, call_used = output
-    ctx.reduce_mean = reduce_mean
-    ctx.n_backward = 0
-    if reduce_mean:
-        ctx.save_for_backward(grad, scale)
-    else:
-        ctx.save_for_backward(pred, x0, t, tables, call_used)
-        ctx.args = (k0, k1, target, learn_sigma)
-
-
-def _loss_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    _save(ctx, inputs, output)
-
-
-def _is_traced(x: Tensor) -> bool:
-    """True while torch.compile / make_fx traces (fake or functional tensors, proxy modes)."""
-    if torch.compiler.is_compiling():
-        return True
-    return type(x) not in (torch.Tensor, torch.nn.Parameter)
+# the eager path: the same kernels launched directly (no dispatcher), gradient scaled in place
 
 
 def _grad_pred(ctx, g_loss):
     if g_loss is None:
         return None
     if ctx.reduce_mean:
+        # Scale in place on the device, skipped when grad_output equals the scale already applied
+        # (CUDA-graph safe: no host read); the buffer is then autograd's gradient.
         grad, scale = ctx.saved_tensors
-        if _is_traced(grad):
-            # Compiled graphs never mutate the saved gradient, so its scale state is 1.
-            return grad * g_loss.to(grad.dtype)
-        # Eager (and CUDA-graph capture): scale in place on the device, skipped when
-        # grad_output equals the scale already applied; the buffer is then autograd's gradient.
         parity = ctx.n_backward % 2
         ctx.n_backward += 1
         return _loss.scale_grad_(grad, scale, g_loss, parity)
     pred, x0, t, tables, call_used = ctx.saved_tensors
     k0, k1, target, learn_sigma = ctx.args
-    if _is_traced(pred):
-        return torch.ops.speed_triton.loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, g_loss)
     return _loss.loss_grad(pred, x0, t, tables, k0, k1, call_used, target, learn_sigma, g_loss)
-
-
-def _loss_backward(ctx, g_loss, g_terms, g_grad, g_scale, g_call):
-    return (_grad_pred(ctx, g_loss),) + (None,) * 9
 
 
 class _EagerLoss(torch.autograd.Function):
@@ -132,20 +75,25 @@ class _EagerLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
-        inputs = (pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean)
-        output = _loss.loss_forward(*inputs, packed=True)
-        _save(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
+        loss, terms, grad, scale, call_used = _loss.loss_forward(
+            pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean, packed=True
+        )
+        ctx.reduce_mean = reduce_mean
+        ctx.n_backward = 0
+        if reduce_mean:
+            ctx.save_for_backward(grad, scale)
+        else:  # the counter snapshot the kernel wrote: a later noise call may advance `call`
+            ctx.save_for_backward(pred, x0, t, tables, call_used)
+            ctx.args = (k0, k1, target, learn_sigma)
+        ctx.mark_non_differentiable(terms)
         # No zero-filled gradient for the `terms` output: one kernel fewer per backward
         ctx.set_materialize_grads(False)
-        return output[0], output[1]
+        return loss, terms
 
     @staticmethod
     def backward(ctx, g_loss, g_terms):
         return (_grad_pred(ctx, g_loss),) + (None,) * 9
 
-
-triton_loss.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 # ---------------------------------------------------------------------------------------------
 # backend object
@@ -170,31 +118,33 @@ class TritonBackend:
                 f"the triton backend runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1); got {x.device}"
             )
 
-    def noise(self, x0, t_in, tables, k0, k1, call, mirror, pivot):
-        _noise.check_common(x0, tables, call)
+    def noise(self, x0, t_in, a):
+        _noise.check_common(x0, a.tables, a.call)
         self._check_device(x0)
         if t_in is not None:
             _noise.check_t(t_in, x0.shape[0], x0.device, "t_in")
-        args = (x0.detach(), t_in, tables, int(k0), int(k1), call, bool(mirror), int(pivot))
+        args = (x0.detach(), t_in, a.tables, int(a.k0), int(a.k1), a.call, bool(a.mirror), int(a.pivot))
         if torch.compiler.is_compiling():
-            x_t, t = torch.ops.speed_triton.noise(*args)
+            x_t, t = _NOISE_OP(*args)
         else:  # eager / CUDA-graph capture: launch directly (no custom-op dispatch overhead)
             x_t, t = _noise.noise_launch(*args)
         if x0.requires_grad and torch.is_grad_enabled():
             # A mutating op cannot carry an autograd formula; x0 is data in training, so the
             # rare differentiable case adds sqrt(ab_t) * (x0 - x0.detach()) (value 0, grad right).
-            coef = tables[ROW_SQRT_AB][t].view(-1, *([1] * (x0.dim() - 1)))
+            coef = a.tables[ROW_SQRT_AB][t].view(-1, *([1] * (x0.dim() - 1)))
             x_t = x_t + (coef * (x0 - x0.detach()).float()).to(x_t.dtype)
         return x_t, t
 
-    def loss(self, pred, x0, t, tables, k0, k1, call, target, learn_sigma, reduce_mean):
-        _loss.check_loss_inputs(pred, x0, t, tables, call, bool(learn_sigma), target)
+    def loss(self, pred, x0, t, a, reduce_mean):
+        _loss.check_loss_inputs(pred, x0, t, a.tables, a.call, bool(a.learn_sigma), a.target)
         self._check_device(x0)
-        args = (pred, x0, t, tables, int(k0), int(k1), call, int(target), bool(learn_sigma), bool(reduce_mean))
+        args = (pred, x0, t, a.tables, int(a.k0), int(a.k1), a.call, int(a.target), bool(a.learn_sigma),
+                bool(reduce_mean))
+        with_grad = bool(pred.requires_grad and torch.is_grad_enabled())
         if torch.compiler.is_compiling():
-            loss, terms, _grad, _scale, _call_used = torch.ops.speed_triton.loss(*args)
+            loss, terms, _grad = _LOSS_OP(*args, with_grad and bool(reduce_mean))
             return loss, terms
-        if not (pred.requires_grad and torch.is_grad_enabled()):  # evaluation: no gradient pass
+        if not with_grad:  # evaluation: no gradient pass
             loss, terms, *_ = _loss.loss_forward(*args, packed=True, need_grad=False)
             return loss, terms
         return _EagerLoss.apply(*args)

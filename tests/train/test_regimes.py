@@ -16,8 +16,9 @@ _spec.loader.exec_module(regimes)
 
 
 def test_parse_samplers():
-    assert regimes.parse_samplers("ddpm-250,ddim-50") == [("ddpm", 250), ("ddim", 50)]
-    for bad in ("ddpm", "euler-10", "ddim-0", ""):
+    assert regimes.parse_samplers("ddpm-250,ddim-50") == [("ddpm", 250, False), ("ddim", 50, False)]
+    assert regimes.parse_samplers("ddim-50,ddpm-250@final") == [("ddim", 50, False), ("ddpm", 250, True)]
+    for bad in ("ddpm", "euler-10", "ddim-0", "", "ddim-5@start", "ddpm-250@final"):
         with pytest.raises(ValueError, match="samplers"):
             regimes.parse_samplers(bad)
 
@@ -55,14 +56,18 @@ def test_tiny_slice_writes_csv_summary_and_plots(tmp_path, tmp_path_factory, mon
     monkeypatch.setenv("SPEED_KERNELS_CACHE", str(cache))
     out = tmp_path / "study"
     summ = regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform,adaptive:warmup_steps=1,every=1",
-                             seeds="0,1", samplers="ddim-2", steps=4, eval_every=2, eval_samples=24, n_boot=50,
-                             out=out, verbose=False)
+                             seeds="0,1", samplers="ddim-2,ddpm-3@final", steps=4, eval_every=2, eval_samples=24,
+                             n_boot=50, out=out, verbose=False)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == regimes.CSV_COLUMNS
-    # 2 strategies x 2 seeds x 2 evaluations x 3 metrics (mmd2, swd, fd)
-    assert len(rows) == 24
-    assert {r["step"] for r in rows} == {"2", "4"} and {r["sampler"] for r in rows} == {"ddim-2"}
+    # 2 strategies x 2 seeds x (2 DDIM evaluations + 1 final DDPM one) x 3 metrics (mmd2, swd, fd)
+    assert len(rows) == 36
+    assert {r["step"] for r in rows} == {"2", "4"} and {r["sampler"] for r in rows} == {"ddim-2", "ddpm-3@final"}
+    assert {r["step"] for r in rows if r["sampler"] == "ddpm-3@final"} == {"4"}
+    final = summ["regimes"]["smoke-digits-pixel"]["samplers"]["ddpm-3@final"]
+    assert all(t["speedup"] is None and np.isfinite(t["final"]) for t in final)
+    assert not (out / "smoke-digits-pixel_ddpm3.png").exists()
     assert all(np.isfinite(float(r["value"])) for r in rows)
     table = summ["regimes"]["smoke-digits-pixel"]["samplers"]["ddim-2"]
     assert [t["strategy"] for t in table] == ["uniform", "adaptive:warmup_steps=1,every=1"]
@@ -73,7 +78,7 @@ def test_tiny_slice_writes_csv_summary_and_plots(tmp_path, tmp_path_factory, mon
     assert json.loads((out / "summary.json").read_text())["meta"]["seeds"] == [0, 1]
     # a second call reads the runs back (same settings): identical rows
     regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform,adaptive:warmup_steps=1,every=1",
-                      seeds="0,1", samplers="ddim-2", steps=4, eval_every=2, eval_samples=24, n_boot=50,
+                      seeds="0,1", samplers="ddim-2,ddpm-3@final", steps=4, eval_every=2, eval_samples=24, n_boot=50,
                       out=out, verbose=False)
     with open(out / "results.csv") as f:
         assert list(csv.DictReader(f)) == rows
