@@ -8,12 +8,12 @@
 // lanes per chunk and in double across chunks, in a fixed order: results are deterministic and do
 // not depend on the thread count.
 //
-// eps cache (CPU only): eps is a pure function of (call, key, sample, element), and on a CPU its
-// generation (Philox + log + sincos) costs ~20x more than a memory pass. So the noise op also
-// writes eps into a per-thread buffer tagged with (call, k0, k1, B, n); a loss op whose call - 1
-// and shapes match reads it instead of regenerating (bit-identical either way: same code, same
-// inputs). The buffer is reused across steps (no fresh pages per step). Off with
-// SPEED_KERNELS_CPU_EPS_CACHE=0; not used above EPS_CACHE_MAX elements.
+// eps cache (CPU only, cpu_eps.h; the flow ops use it too): eps is a pure function of (call, key,
+// sample, element), and on a CPU its generation (Philox + log + sincos) costs ~20x more than a
+// memory pass. So the noise op also writes eps into a per-thread buffer tagged with (call, k0, k1,
+// B, n); a loss op whose call - 1 and shapes match reads it instead of regenerating (bit-identical
+// either way: same code, same inputs). The buffer is reused across steps (no fresh pages per
+// step). Off with SPEED_KERNELS_CPU_EPS_CACHE=0; not used above EPS_CACHE_MAX elements.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_eps.h"
 #include "ops.h"
 #include "philox.h"
 #include "vlb.h"
@@ -39,6 +40,7 @@ namespace {
 
 constexpr int64_t GROUPS = 16;
 constexpr int64_t CHUNK = GROUPS * 4;
+static_assert(CHUNK == EPS_CHUNK, "cpu_eps.h promises chunks of 64 normals");
 constexpr double LN2 = 0.69314718055994530942;
 
 #if defined(__GNUC__)
@@ -214,16 +216,6 @@ struct LossArgs {
   float gscale_const;     // used when gscale is nullptr
 };
 
-// Sum of 64 floats (fewer at the tail, zero-padded) in 8 independent lanes: vectorisable, fixed order.
-SK_INLINE double chunk_sum(const float* __restrict v) {
-  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t j = 0; j < CHUNK; j += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] += v[j + l];
-  double s = 0;
-  for (int l = 0; l < 8; ++l) s += lanes[l];
-  return s;
-}
-
 template <typename P, typename X, bool AVX2>
 SK_INLINE void loss_rows_body(const LossArgs& a, int64_t i0, int64_t i1) {
   const P* pred = static_cast<const P*>(a.pred);
@@ -275,7 +267,7 @@ SK_INLINE void loss_rows_body(const LossArgs& a, int64_t i0, int64_t i1) {
         for (int64_t j = 0; j < m; ++j) store(go, e0 + j, g_mse * sq[j]);
       }
       for (int64_t j = 0; j < m; ++j) sq[j] = sq[j] * sq[j];
-      sum_mse += chunk_sum(sq);
+      sum_mse += chunk_sum64(sq);
       if (a.learn_sigma) {
         for (int64_t j = m; j < CHUNK; ++j) vb[j] = 0.0f;
         for (int64_t j = 0; j < m; ++j) {
@@ -289,7 +281,7 @@ SK_INLINE void loss_rows_body(const LossArgs& a, int64_t i0, int64_t i1) {
           vb[j] = term.value;
           if (gv) store(gv, e0 + j, g_vb * term.dlm);
         }
-        sum_vb += chunk_sum(vb);
+        sum_vb += chunk_sum64(vb);
       }
     }
     a.mse[i] = static_cast<float>(sum_mse / static_cast<double>(a.n)) * w;
@@ -394,12 +386,7 @@ void run_loss(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& t,
   a.pred_stride = pred.numel() / B;
   const int64_t call_v = call.data_ptr<int64_t>()[0] - 1;  // the noise call this loss belongs to
   a.call = static_cast<uint32_t>(call_v);
-  const EpsCache& cache = tls_eps_cache;
-  const int64_t n = x0.numel() / B;
-  a.eps_in = (cache.valid && eps_cache_enabled(B * n) && cache.call == call_v && cache.k0 == static_cast<uint32_t>(k0) &&
-              cache.k1 == static_cast<uint32_t>(k1) && cache.B == B && cache.n == n)
-                 ? cache.eps.data()
-                 : nullptr;
+  a.eps_in = eps_cache_find(call_v, static_cast<uint32_t>(k0), static_cast<uint32_t>(k1), B, a.n);
   a.k0 = static_cast<uint32_t>(k0);
   a.k1 = static_cast<uint32_t>(k1);
   a.target = static_cast<int>(target);
@@ -459,25 +446,13 @@ std::tuple<at::Tensor, at::Tensor> noise_cpu(const at::Tensor& x0_in, const std:
   a.call = c;
   a.k0 = static_cast<uint32_t>(k0);
   a.k1 = static_cast<uint32_t>(k1);
-  EpsCache& cache = tls_eps_cache;
-  cache.valid = false;
-  if (eps_cache_enabled(x0.numel())) {
-    if (static_cast<int64_t>(cache.eps.size()) < x0.numel()) cache.eps.resize(static_cast<size_t>(x0.numel()));
-    a.eps_out = cache.eps.data();
-  }
+  a.eps_out = eps_cache_begin(x0.numel());
   const bool avx2 = use_avx2();
   dispatch_float(x0.scalar_type(), [&](auto x) {
     using X = decltype(x);
     at::parallel_for(0, B, grain_for(a.n), [&](int64_t i0, int64_t i1) { noise_rows<X>(a, i0, i1, avx2); });
   });
-  if (a.eps_out) {
-    cache.call = call.data_ptr<int64_t>()[0];
-    cache.k0 = a.k0;
-    cache.k1 = a.k1;
-    cache.B = B;
-    cache.n = a.n;
-    cache.valid = true;
-  }
+  if (a.eps_out) eps_cache_commit(call.data_ptr<int64_t>()[0], a.k0, a.k1, B, a.n);
   call.add_(1);
   return {xt, t};
 }
@@ -532,6 +507,42 @@ at::Tensor loss_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& p
   run_loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, scratch.data_ptr<float>(),
            scratch.data_ptr<float>() + B, grad.data_ptr(), grad_loss.data_ptr<float>(), 1.0f);
   return grad;
+}
+
+// ---- cpu_eps.h: the eps path the flow ops share ------------------------------------------------
+bool cpu_use_avx2() { return use_avx2(); }
+
+void eps_chunk64(uint32_t g0, uint32_t sample, uint32_t call, uint32_t k0, uint32_t k1, float* out, bool avx2) {
+  if (avx2) {
+    eps_chunk_isa<true>(g0, sample, call, k0, k1, out);
+  } else {
+    eps_chunk_isa<false>(g0, sample, call, k0, k1, out);
+  }
+}
+
+float* eps_cache_begin(int64_t numel) {
+  EpsCache& cache = tls_eps_cache;
+  cache.valid = false;
+  if (!eps_cache_enabled(numel)) return nullptr;
+  if (static_cast<int64_t>(cache.eps.size()) < numel) cache.eps.resize(static_cast<size_t>(numel));
+  return cache.eps.data();
+}
+
+void eps_cache_commit(int64_t call, uint32_t k0, uint32_t k1, int64_t B, int64_t n) {
+  EpsCache& cache = tls_eps_cache;
+  cache.call = call;
+  cache.k0 = k0;
+  cache.k1 = k1;
+  cache.B = B;
+  cache.n = n;
+  cache.valid = true;
+}
+
+const float* eps_cache_find(int64_t call, uint32_t k0, uint32_t k1, int64_t B, int64_t n) {
+  const EpsCache& cache = tls_eps_cache;
+  const bool hit = cache.valid && eps_cache_enabled(B * n) && cache.call == call && cache.k0 == k0 &&
+                   cache.k1 == k1 && cache.B == B && cache.n == n;
+  return hit ? cache.eps.data() : nullptr;
 }
 
 // The loop variant the ops pick now, "avx2" or "generic" (read by _C.cpu_isa() so the tests can

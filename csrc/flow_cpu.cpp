@@ -7,17 +7,21 @@
 //       per[b] = w(sigma_b) * mean((pred - target)^2), target 0 eps / 1 eps - x0 / 2 x0, with eps of
 //       call index call_used; grad = d sum(per) / d pred (empty unless with_grad).
 // Flow table rows (speed_kernels/reference.py, flow section): 0 quantiles q, 1 slopes dq, 2 weight.
-// Per-sample work runs under at::parallel_for; eps comes from the header's group_normals, so it
-// agrees with the reference to float rounding and sigma is bit-identical (see philox.h).
+// Per-sample work runs under at::parallel_for in chunks of 64 elements; eps comes from the DDPM
+// ops' vectorised generator and eps cache (cpu_eps.h): the noise op leaves its eps for the loss op
+// of the same call. eps agrees with the reference to float rounding, sigma bit for bit (philox.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
+#include "cpu_eps.h"
 #include "ops.h"
 #include "philox.h"
 
@@ -69,18 +73,8 @@ void check_flow_common(const at::Tensor& x0, const at::Tensor& tables, int64_t k
   check_key(k0, k1);
 }
 
-// The four normals of group g, or the tail of a sample's last group (elements beyond n unused).
-template <typename X, typename Body>
-void for_each_eps(int64_t n, uint32_t b, uint32_t call, uint32_t k0, uint32_t k1, Body&& body) {
-  const int64_t groups = (n + 3) / 4;
-  for (int64_t g = 0; g < groups; ++g) {
-    float e[4];
-    group_normals(static_cast<uint32_t>(g), b, call, k0, k1, e);
-    const int64_t base = 4 * g;
-    const int64_t m = n - base < 4 ? n - base : 4;
-    for (int64_t l = 0; l < m; ++l) body(base + l, e[l]);
-  }
-}
+// Samples per task, so that a task holds at least ~16K elements (thread start-up is not free).
+int64_t flow_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
 }  // namespace
 
@@ -113,21 +107,29 @@ std::tuple<at::Tensor, at::Tensor> flow_noise_cpu(const at::Tensor& x0_in, const
   }
   at::Tensor xt = at::empty_like(x0);
   const float* sp = sigma.data_ptr<float>();
+  const bool avx2 = cpu_use_avx2();
+  float* eps_out = eps_cache_begin(x0.numel());  // for the loss op of this call
   dispatch_float(x0.scalar_type(), [&](auto tag) {
     using X = decltype(tag);
     const X* xp = x0.data_ptr<X>();
     X* op = xt.data_ptr<X>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, flow_grain(n), [&](int64_t b0, int64_t b1) {
+      alignas(64) float eps[EPS_CHUNK];
       for (int64_t b = b0; b < b1; ++b) {
         const float s = sp[b];
         const X* xr = xp + b * n;
         X* orow = op + b * n;
-        for_each_eps<X>(n, static_cast<uint32_t>(b), c, u0, u1, [&](int64_t i, float e) {
-          orow[i] = static_cast<X>((1.0f - s) * static_cast<float>(xr[i]) + s * e);
-        });
+        for (int64_t e0 = 0; e0 < n; e0 += EPS_CHUNK) {
+          eps_chunk64(static_cast<uint32_t>(e0 / 4), static_cast<uint32_t>(b), c, u0, u1, eps, avx2);
+          const int64_t m = std::min<int64_t>(EPS_CHUNK, n - e0);
+          for (int64_t j = 0; j < m; ++j)
+            orow[e0 + j] = static_cast<X>((1.0f - s) * static_cast<float>(xr[e0 + j]) + s * eps[j]);
+          if (eps_out) std::memcpy(eps_out + b * n + e0, eps, static_cast<size_t>(m) * sizeof(float));
+        }
       }
     });
   });
+  if (eps_out) eps_cache_commit(call.data_ptr<int64_t>()[0], u0, u1, B, n);
   call.add_(1);
   return {xt, sigma};
 }
@@ -160,6 +162,7 @@ std::tuple<at::Tensor, at::Tensor> flow_loss_cpu(const at::Tensor& pred_in, cons
   at::Tensor grad = with_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
   float* perp = per.data_ptr<float>();
   const float* sp = sigma.data_ptr<float>();
+  const bool avx2 = cpu_use_avx2();
   dispatch_float(pred.scalar_type(), [&](auto ptag) {
     using P = decltype(ptag);
     dispatch_float(x0.scalar_type(), [&](auto xtag) {
@@ -167,24 +170,41 @@ std::tuple<at::Tensor, at::Tensor> flow_loss_cpu(const at::Tensor& pred_in, cons
       const P* pp = pred.data_ptr<P>();
       const X* xp = x0.data_ptr<X>();
       P* gp = with_grad ? grad.data_ptr<P>() : nullptr;
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      const float* cached = target == 2 ? nullptr : eps_cache_find(call_used.data_ptr<int64_t>()[0], u0, u1, B, n);
+      at::parallel_for(0, B, flow_grain(n), [&](int64_t b0, int64_t b1) {
+        alignas(64) float eps_buf[EPS_CHUNK];
+        alignas(64) float sq[EPS_CHUNK];
         for (int64_t b = b0; b < b1; ++b) {
           const float w = interp_weight(wrow, nw, sp[b], inv_sigma2);
           const float gscale = 2.0f * w / static_cast<float>(n);
           const P* pr = pp + b * n;
           const X* xr = xp + b * n;
-          double sse = 0.0;  // double across the sample: deterministic, thread-count independent
-          auto term = [&](int64_t i, float e) {
-            const float x = static_cast<float>(xr[i]);
-            const float tgt = target == 0 ? e : (target == 1 ? e - x : x);
-            const float d = static_cast<float>(pr[i]) - tgt;
-            sse += static_cast<double>(d) * d;
-            if (gp) gp[b * n + i] = static_cast<P>(d * gscale);
-          };
-          if (target == 2) {
-            for (int64_t i = 0; i < n; ++i) term(i, 0.0f);  // x0 target: no eps needed
-          } else {
-            for_each_eps<X>(n, static_cast<uint32_t>(b), c, u0, u1, term);
+          P* gr = gp ? gp + b * n : nullptr;
+          double sse = 0.0;  // 8 float lanes per chunk, double across chunks: fixed order, any thread count
+          for (int64_t e0 = 0; e0 < n; e0 += EPS_CHUNK) {
+            const int64_t m = std::min<int64_t>(EPS_CHUNK, n - e0);
+            const float* eps = eps_buf;
+            if (target == 2) {
+              // x0 target: no eps needed
+            } else if (cached) {
+              eps = cached + b * n + e0;  // only [0, m) is read
+            } else {
+              eps_chunk64(static_cast<uint32_t>(e0 / 4), static_cast<uint32_t>(b), c, u0, u1, eps_buf, avx2);
+            }
+            for (int64_t j = m; j < EPS_CHUNK; ++j) sq[j] = 0.0f;
+            if (target == 0) {
+              for (int64_t j = 0; j < m; ++j) sq[j] = static_cast<float>(pr[e0 + j]) - eps[j];
+            } else if (target == 1) {
+              for (int64_t j = 0; j < m; ++j)
+                sq[j] = static_cast<float>(pr[e0 + j]) - (eps[j] - static_cast<float>(xr[e0 + j]));
+            } else {
+              for (int64_t j = 0; j < m; ++j) sq[j] = static_cast<float>(pr[e0 + j]) - static_cast<float>(xr[e0 + j]);
+            }
+            if (gr) {
+              for (int64_t j = 0; j < m; ++j) gr[e0 + j] = static_cast<P>(sq[j] * gscale);
+            }
+            for (int64_t j = 0; j < m; ++j) sq[j] = sq[j] * sq[j];
+            sse += chunk_sum64(sq);
           }
           perp[b] = static_cast<float>(sse / static_cast<double>(n)) * w;
         }

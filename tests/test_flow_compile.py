@@ -3,6 +3,7 @@ and autograd) on the CPU backends, and opcheck of the compiled cpp ops."""
 import pytest
 import torch
 
+from speed_kernels import rng
 from speed_kernels.flow import FlowMatchingLoss, flow_backends, select_flow_backend
 
 
@@ -80,3 +81,43 @@ def test_backend_selection():
     assert select_flow_backend("torch", "cpu").name == "torch"
     with pytest.raises(ValueError, match="backend"):
         select_flow_backend("cuda", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_flow_eps_cache_and_isa_change_no_bit(monkeypatch, dtype):
+    """The flow ops share the DDPM ops' vectorised eps and eps cache (csrc/cpu_eps.h): a loss that
+    reads the noise op's cached eps and one that regenerates it (cache off) give the same bits, a
+    loss for another call does not reuse the cache, the portable and AVX2 loops agree to rounding;
+    an odd element count exercises the chunk tail."""
+    _need("cpp")
+    lf = FlowMatchingLoss("logit_normal", backend="cpp", seed=9)
+    tab = lf.tables("cpu")
+    ops = torch.ops.speed_kernels
+    x0 = torch.randn(5, 3, 7, 9).to(dtype)
+    pred = torch.randn(5, 3, 7, 9).to(dtype)
+    outs = {}
+    for isa in ("native", "generic"):
+        for cache in ("1", "0"):
+            monkeypatch.setenv("SPEED_KERNELS_CPU_EPS_CACHE", cache)
+            if isa == "generic":
+                monkeypatch.setenv("SPEED_KERNELS_CPU_ISA", "generic")
+            else:
+                monkeypatch.delenv("SPEED_KERNELS_CPU_ISA", raising=False)
+            call = torch.tensor([11])
+            x_t, sigma = ops.flow_noise(x0, None, tab, lf.k0, lf.k1, call)
+            got = [x_t, sigma]
+            for target in (0, 1, 2):
+                got += list(ops.flow_loss(pred, x0, sigma, tab, lf.k0, lf.k1, call - 1, target, False, True))
+            other = ops.flow_loss(pred, x0, sigma, tab, lf.k0, lf.k1, call, 1, False, True)[0]  # a cache miss
+            outs[(isa, cache)] = (got, other)
+    ref_got, ref_other = outs[("native", "1")]
+    for isa in ("native", "generic"):  # within one ISA the cache changes no bit
+        (a_got, a_other), (b_got, b_other) = outs[(isa, "1")], outs[(isa, "0")]
+        assert all(torch.equal(a, b) for a, b in zip(a_got, b_got)) and torch.equal(a_other, b_other), isa
+    for a, b in zip(outs[("generic", "1")][0], ref_got):  # across ISAs: float rounding (FMA contraction)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+    assert not torch.equal(ref_other, ref_got[4])  # call + 1 scored another eps
+    # and the values are the formula's (weighting none: w = 1): per[b] = mean((pred - (eps - x0))^2)
+    eps = rng.normal_per_element(5, 3 * 7 * 9, torch.tensor([11]), lf.k0, lf.k1).view(x0.shape)
+    expect = (pred.float() - (eps - x0.float())).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(ref_got[4], expect, rtol=1e-5, atol=1e-6)
