@@ -11,6 +11,7 @@
 #include <atomic>
 
 #include "cuda_ops.h"
+#include "flow_ops.h"
 #include "ops.h"
 
 namespace speed_kernels {
@@ -168,6 +169,96 @@ at::Tensor loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor& 
   run_loss(pred, x0, t, tables, k0, k1, call, target, learn_sigma, false, grad.data_ptr(), grad_loss.data_ptr<float>(),
            1.0f, nullptr, nullptr);
   return grad;
+}
+
+// ---- flow matching ---------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> flow_noise_cuda(const at::Tensor& x0_in, const std::optional<at::Tensor>& sigma_in,
+                                                   const at::Tensor& tables_in, int64_t k0, int64_t k1,
+                                                   const at::Tensor& call) {
+  check_x0(x0_in);
+  check_cuda_tensor(x0_in, "x0");
+  check_flow_tables(x0_in, tables_in, k0, k1);
+  check_call(x0_in, call);
+  c10::cuda::CUDAGuard guard(x0_in.device());
+  const at::Tensor x0 = x0_in.contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  const int64_t B = x0.size(0);
+  const bool given = sigma_in.has_value() && sigma_in->defined();
+  at::Tensor sigma;
+  if (given) {
+    check_same_device(x0, *sigma_in, "sigma");
+    TORCH_CHECK_VALUE(sigma_in->dim() == 1 && sigma_in->size(0) == B, "sigma must be [B] = [", B, "], got shape ",
+                      sigma_in->sizes());
+    TORCH_CHECK_TYPE(sigma_in->is_floating_point(), "sigma must be a floating-point tensor, got ",
+                     sigma_in->scalar_type());
+    sigma = sigma_in->to(at::kFloat).clone(at::MemoryFormat::Contiguous);  // outputs must not alias inputs
+  } else {
+    sigma = at::empty({B}, x0.options().dtype(at::kFloat));
+  }
+  at::Tensor xt = at::empty_like(x0, at::MemoryFormat::Contiguous);
+  cuda::FlowNoiseParams p{};
+  p.x0 = x0.data_ptr();
+  p.xt = xt.data_ptr();
+  p.sigma = sigma.data_ptr<float>();
+  p.draw = !given;
+  p.tables = tables.data_ptr<float>();
+  p.W = tables.size(1);
+  p.B = B;
+  p.n = x0.numel() / B;
+  p.call = call.data_ptr<int64_t>();
+  p.k0 = static_cast<uint32_t>(k0);
+  p.k1 = static_cast<uint32_t>(k1);
+  p.dtype = dtype_code(x0);
+  check_launch(cuda::launch_flow_noise(p, num_sms(), c10::cuda::getCurrentCUDAStream().stream()), "flow_noise");
+  call.add_(1);  // stream-ordered after the kernel that read it: no host sync
+  return {xt, sigma};
+}
+
+std::tuple<at::Tensor, at::Tensor> flow_loss_cuda(const at::Tensor& pred_in, const at::Tensor& x0_in,
+                                                  const at::Tensor& sigma_in, const at::Tensor& tables_in, int64_t k0,
+                                                  int64_t k1, const at::Tensor& call_used, int64_t target,
+                                                  bool inv_sigma2, bool with_grad) {
+  check_x0(x0_in);
+  check_cuda_tensor(x0_in, "x0");
+  check_flow_tables(x0_in, tables_in, k0, k1);
+  check_call(x0_in, call_used);
+  check_same_device(x0_in, pred_in, "pred");
+  check_float_dtype(pred_in, "pred");
+  TORCH_CHECK_VALUE(pred_in.sizes() == x0_in.sizes(), "pred must have x0's shape ", x0_in.sizes(), ", got ",
+                    pred_in.sizes());
+  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "target must be 0 (eps), 1 (v) or 2 (x0), got ", target);
+  check_same_device(x0_in, sigma_in, "sigma");
+  TORCH_CHECK_VALUE(sigma_in.dim() == 1 && sigma_in.size(0) == x0_in.size(0), "sigma must be [B] = [", x0_in.size(0),
+                    "], got shape ", sigma_in.sizes());
+  c10::cuda::CUDAGuard guard(x0_in.device());
+  const at::Tensor pred = pred_in.contiguous(), x0 = x0_in.contiguous();
+  const at::Tensor sigma = sigma_in.to(at::kFloat).contiguous();
+  const at::Tensor tables = tables_in.contiguous();
+  const int64_t B = x0.size(0);
+  at::Tensor per = at::empty({B}, x0.options().dtype(at::kFloat));
+  at::Tensor grad = with_grad ? at::empty_like(pred, at::MemoryFormat::Contiguous) : at::empty({0}, pred.options());
+  cuda::FlowLossParams p{};
+  p.pred = pred.data_ptr();
+  p.x0 = x0.data_ptr();
+  p.sigma = sigma.data_ptr<float>();
+  p.tables = tables.data_ptr<float>();
+  p.W = tables.size(1);
+  p.B = B;
+  p.n = x0.numel() / B;
+  p.call_used = call_used.data_ptr<int64_t>();
+  p.k0 = static_cast<uint32_t>(k0);
+  p.k1 = static_cast<uint32_t>(k1);
+  p.target = static_cast<int>(target);
+  p.inv_sigma2 = inv_sigma2;
+  p.pred_dtype = dtype_code(pred);
+  p.x0_dtype = dtype_code(x0);
+  p.grad = with_grad ? grad.data_ptr() : nullptr;
+  const int sms = num_sms();
+  at::Tensor partial = at::empty({B * cuda::loss_blocks_per_sample(B, p.n, sms)}, x0.options().dtype(at::kFloat));
+  p.partial = partial.data_ptr<float>();
+  p.per = per.data_ptr<float>();
+  check_launch(cuda::launch_flow_loss(p, sms, c10::cuda::getCurrentCUDAStream().stream()), "flow_loss");
+  return {per, grad};
 }
 
 }  // namespace speed_kernels

@@ -1,4 +1,5 @@
-// CUDA kernels of the noise op and the loss op (the `cuda` backend). Torch-free: see cuda_ops.h.
+// CUDA kernels of the noise op and the loss op (the `cuda` backend), and of the flow-matching
+// flow_noise / flow_loss ops. Torch-free: see cuda_ops.h.
 //
 // Layout: a 1-D grid of B * blocks_per_sample blocks (block b works on sample b / bps), each thread
 // handles units of 8 elements (two Philox groups): one 16-byte load for 16-bit dtypes, two for
@@ -11,6 +12,7 @@
 #include <math.h>
 
 #include "cuda_ops.h"
+#include "flow_table.h"
 #include "philox.h"
 #include "table_rows.h"
 #include "vlb.h"
@@ -239,6 +241,89 @@ __global__ void __launch_bounds__(THREADS) finalize_kernel(LossParams p, int bps
   if (threadIdx.x == 0 && p.loss && p.reduce_mean) p.loss[0] = static_cast<float>(red[0] / static_cast<double>(p.B));
 }
 
+// ---- flow matching: x_t = (1 - sigma) x0 + sigma eps; per = w(sigma) mean((pred - target)^2) ----
+template <typename X>
+__global__ void __launch_bounds__(THREADS) flow_noise_kernel(FlowNoiseParams p, int bps) {
+  const int64_t i = blockIdx.x / bps;
+  const int chunk = blockIdx.x % bps;
+  __shared__ float s_sh;
+  if (threadIdx.x == 0) {
+    float s;
+    if (p.draw) {
+      s = flow_draw_sigma(p.tables + FLOW_ROW_Q * p.W, p.tables + FLOW_ROW_DQ * p.W, static_cast<int32_t>(p.W - 1),
+                          static_cast<uint32_t>(i), static_cast<uint32_t>(*p.call), p.k0, p.k1);
+      if (chunk == 0) p.sigma[i] = s;
+    } else {
+      s = p.sigma[i];
+    }
+    s_sh = s;
+  }
+  __syncthreads();
+  const float s = s_sh;
+  const float one_m_s = __fsub_rn(1.0f, s);
+  const uint32_t call = static_cast<uint32_t>(*p.call);
+  const X* x0 = static_cast<const X*>(p.x0) + i * p.n;
+  X* xt = static_cast<X*>(p.xt) + i * p.n;
+  const bool vec = (p.n % E == 0) && aligned16(p.x0) && aligned16(p.xt);
+  const int64_t units = (p.n + E - 1) / E;
+  for (int64_t u = static_cast<int64_t>(chunk) * THREADS + threadIdx.x; u < units; u += static_cast<int64_t>(bps) * THREADS) {
+    const int64_t e0 = u * E;
+    float x[E], eps[E], y[E];
+    load_unit(x0, e0, p.n, vec, x);
+    group_normals(static_cast<uint32_t>(e0 / 4), static_cast<uint32_t>(i), call, p.k0, p.k1, eps);
+    group_normals(static_cast<uint32_t>(e0 / 4 + 1), static_cast<uint32_t>(i), call, p.k0, p.k1, eps + 4);
+#pragma unroll
+    for (int k = 0; k < E; ++k) y[k] = __fadd_rn(__fmul_rn(one_m_s, x[k]), __fmul_rn(s, eps[k]));  // as the reference
+    store_unit(xt, e0, p.n, vec, y);
+  }
+}
+
+template <typename P, typename X>
+__global__ void __launch_bounds__(THREADS) flow_loss_kernel(FlowLossParams p, int bps) {
+  __shared__ float red[THREADS / 32];
+  const int64_t i = blockIdx.x / bps;
+  const int chunk = blockIdx.x % bps;
+  const float w = flow_weight(p.tables + FLOW_ROW_W * p.W, static_cast<int32_t>(p.W - 1), p.sigma[i], p.inv_sigma2);
+  const float gscale = 2.0f * w / static_cast<float>(p.n);  // d per / d pred_j = 2 w (pred_j - target_j) / n
+  const uint32_t call = static_cast<uint32_t>(*p.call_used);
+  const X* x0 = static_cast<const X*>(p.x0) + i * p.n;
+  const P* pred = static_cast<const P*>(p.pred) + i * p.n;
+  P* grad = p.grad ? static_cast<P*>(p.grad) + i * p.n : nullptr;
+  const bool vec = (p.n % E == 0) && aligned16(p.x0) && aligned16(p.pred) && (!p.grad || aligned16(p.grad));
+  const int64_t units = (p.n + E - 1) / E;
+  float acc = 0.0f;
+  for (int64_t u = static_cast<int64_t>(chunk) * THREADS + threadIdx.x; u < units; u += static_cast<int64_t>(bps) * THREADS) {
+    const int64_t e0 = u * E;
+    float x[E], o[E], eps[E], g[E];
+    load_unit(x0, e0, p.n, vec, x);
+    load_unit(pred, e0, p.n, vec, o);
+    if (p.target != 2) {
+      group_normals(static_cast<uint32_t>(e0 / 4), static_cast<uint32_t>(i), call, p.k0, p.k1, eps);
+      group_normals(static_cast<uint32_t>(e0 / 4 + 1), static_cast<uint32_t>(i), call, p.k0, p.k1, eps + 4);
+    }
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const float tgt = p.target == 0 ? eps[k] : (p.target == 1 ? __fsub_rn(eps[k], x[k]) : x[k]);
+      const float d = __fsub_rn(o[k], tgt);
+      acc += (e0 + k < p.n) ? d * d : 0.0f;
+      g[k] = d * gscale;
+    }
+    if (grad) store_unit(grad, e0, p.n, vec, g);
+  }
+  const float s = block_sum(acc, red);
+  if (threadIdx.x == 0) p.partial[i * bps + chunk] = s;
+}
+
+// One block: per[b] = (sum of its partials in a fixed order) / n * w(sigma_b).
+__global__ void __launch_bounds__(THREADS) flow_finalize_kernel(FlowLossParams p, int bps) {
+  for (int64_t i = threadIdx.x; i < p.B; i += THREADS) {
+    double s = 0.0;
+    for (int c = 0; c < bps; ++c) s += p.partial[i * bps + c];
+    const float w = flow_weight(p.tables + FLOW_ROW_W * p.W, static_cast<int32_t>(p.W - 1), p.sigma[i], p.inv_sigma2);
+    p.per[i] = static_cast<float>(s / static_cast<double>(p.n)) * w;
+  }
+}
+
 int blocks_per_sample(int64_t B, int64_t n, int num_sms) {
   const int64_t units = (n + E - 1) / E;
   const int64_t need = (units + THREADS - 1) / THREADS;          // enough threads for one unit each
@@ -294,6 +379,34 @@ cudaError_t launch_loss(const LossParams& p, int num_sms, cudaStream_t stream) {
   });
   if (err != cudaSuccess || p.partial == nullptr) return err;
   finalize_kernel<<<1, THREADS, 0, stream>>>(p, bps);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_flow_noise(const FlowNoiseParams& p, int num_sms, cudaStream_t stream) {
+  if (p.B <= 0) return cudaSuccess;
+  const int bps = blocks_per_sample(p.B, p.n, num_sms);
+  const unsigned grid = static_cast<unsigned>(p.B * bps);
+  return dispatch(p.dtype, [&](auto tag) {
+    using X = decltype(tag);
+    flow_noise_kernel<X><<<grid, THREADS, 0, stream>>>(p, bps);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_flow_loss(const FlowLossParams& p, int num_sms, cudaStream_t stream) {
+  if (p.B <= 0) return cudaSuccess;
+  const int bps = blocks_per_sample(p.B, p.n, num_sms);
+  const unsigned grid = static_cast<unsigned>(p.B * bps);
+  cudaError_t err = dispatch(p.pred_dtype, [&](auto ptag) {
+    using P = decltype(ptag);
+    return dispatch(p.x0_dtype, [&](auto xtag) {
+      using X = decltype(xtag);
+      flow_loss_kernel<P, X><<<grid, THREADS, 0, stream>>>(p, bps);
+      return cudaGetLastError();
+    });
+  });
+  if (err != cudaSuccess) return err;
+  flow_finalize_kernel<<<1, THREADS, 0, stream>>>(p, bps);
   return cudaGetLastError();
 }
 

@@ -49,6 +49,38 @@ struct LossParams {
   bool reduce_mean;
 };
 
+struct FlowNoiseParams {
+  const void* x0;        // [B, n] contiguous, dtype
+  void* xt;              // [B, n], dtype
+  float* sigma;          // [B]: the given sigma (draw false) or where the drawn one is written
+  bool draw;             // draw sigma from the table (else read it from `sigma`)
+  const float* tables;   // [3, W]: quantiles, slopes, weight (flow_table.h)
+  int64_t W;             // N + 1
+  int64_t B;
+  int64_t n;
+  const int64_t* call;   // device counter: this call's index
+  uint32_t k0, k1;
+  int dtype;
+};
+
+struct FlowLossParams {
+  const void* pred;      // [B, n]
+  const void* x0;        // [B, n]
+  const float* sigma;    // [B] float32
+  const float* tables;   // [3, W]
+  int64_t W;
+  int64_t B;
+  int64_t n;
+  const int64_t* call_used;  // the eps's call index (a snapshot, not the counter)
+  uint32_t k0, k1;
+  int target;            // 0 eps, 1 v (eps - x0), 2 x0
+  bool inv_sigma2;
+  int pred_dtype, x0_dtype;
+  void* grad;            // d sum(per) / d pred (pred dtype), or nullptr
+  float* partial;        // workspace [B * blocks_per_sample]
+  float* per;            // [B] weighted per-sample MSE
+};
+
 // Blocks per sample for a launch (so the partial workspace can be sized by the caller).
 int loss_blocks_per_sample(int64_t B, int64_t n, int num_sms);
 
@@ -57,6 +89,10 @@ cudaError_t launch_noise(const NoiseParams& p, int num_sms, cudaStream_t stream)
 // Loss: the fused loss + gradient kernel, then (when terms/loss are wanted) one tiny single-block
 // kernel that reduces the per-block partials in a fixed order (deterministic).
 cudaError_t launch_loss(const LossParams& p, int num_sms, cudaStream_t stream);
+// Flow matching: the same grid (loss_blocks_per_sample sizes the partials); the loss is one fused
+// kernel plus the fixed-order finalize, as above.
+cudaError_t launch_flow_noise(const FlowNoiseParams& p, int num_sms, cudaStream_t stream);
+cudaError_t launch_flow_loss(const FlowLossParams& p, int num_sms, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace speed_kernels

@@ -6,7 +6,7 @@
 //   flow_loss(pred, x0, sigma, tables, k0, k1, call_used, target, inv_sigma2, with_grad) -> (per [B], grad)
 //       per[b] = w(sigma_b) * mean((pred - target)^2), target 0 eps / 1 eps - x0 / 2 x0, with eps of
 //       call index call_used; grad = d sum(per) / d pred (empty unless with_grad).
-// Flow table rows (speed_kernels/reference.py, flow section): 0 quantiles q, 1 slopes dq, 2 weight.
+// Flow table rows and arithmetic: flow_table.h (shared with the CUDA kernels).
 // Per-sample work runs under at::parallel_for in chunks of 64 elements; eps comes from the DDPM
 // ops' vectorised generator and eps cache (cpu_eps.h): the noise op leaves its eps for the loss op
 // of the same call. eps agrees with the reference to float rounding, sigma bit for bit (philox.h).
@@ -22,36 +22,12 @@
 #include <tuple>
 
 #include "cpu_eps.h"
+#include "flow_table.h"
 #include "ops.h"
 #include "philox.h"
 
 namespace speed_kernels {
 namespace {
-
-constexpr uint32_t STREAM_SIGMA = 2;
-constexpr int64_t FLOW_ROW_Q = 0, FLOW_ROW_DQ = 1, FLOW_ROW_W = 2, FLOW_NUM_ROWS = 3;
-
-// sigma = q[j] + f * dq[j]: f * dq[j] is exact (12 + 12 significant bits), one rounding remains,
-// so contraction into an FMA changes nothing.
-float draw_sigma(const float* q, const float* dq, int32_t nq, uint32_t b, uint32_t call, uint32_t k0, uint32_t k1) {
-  const float u = bits_to_uniform(philox4x32_10(0u, b, call, STREAM_SIGMA, k0, k1).w0);
-  const float pos = u * static_cast<float>(nq);
-  int32_t j = static_cast<int32_t>(pos);
-  if (j > nq - 1) j = nq - 1;
-  const float f = pos - static_cast<float>(j);
-  return q[j] + f * dq[j];
-}
-
-float interp_weight(const float* w, int32_t nw, float sigma, bool inv_sigma2) {
-  const float s = sigma < 0.0f ? 0.0f : (sigma > 1.0f ? 1.0f : sigma);
-  const float pos = s * static_cast<float>(nw);
-  int32_t j = static_cast<int32_t>(pos);
-  if (j > nw - 1) j = nw - 1;
-  const float f = pos - static_cast<float>(j);
-  float v = w[j] + f * (w[j + 1] - w[j]);
-  if (inv_sigma2) v = v / (sigma * sigma);
-  return v;
-}
 
 template <typename F>
 void dispatch_float(at::ScalarType st, F&& fn) {
@@ -63,16 +39,6 @@ void dispatch_float(at::ScalarType st, F&& fn) {
   }
 }
 
-void check_flow_common(const at::Tensor& x0, const at::Tensor& tables, int64_t k0, int64_t k1) {
-  check_x0(x0);
-  TORCH_CHECK_VALUE(x0.device().is_cpu(), "x0 must be a CPU tensor for the cpp flow ops, got ", x0.device());
-  check_same_device(x0, tables, "tables");
-  TORCH_CHECK_TYPE(tables.scalar_type() == at::kFloat, "tables must be float32, got ", tables.scalar_type());
-  TORCH_CHECK_VALUE(tables.dim() == 2 && tables.size(0) == FLOW_NUM_ROWS && tables.size(1) >= 2,
-                    "flow tables must be [3, N + 1] with N >= 1, got shape ", tables.sizes());
-  check_key(k0, k1);
-}
-
 // Samples per task, so that a task holds at least ~16K elements (thread start-up is not free).
 int64_t flow_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
@@ -81,7 +47,9 @@ int64_t flow_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int
 std::tuple<at::Tensor, at::Tensor> flow_noise_cpu(const at::Tensor& x0_in, const std::optional<at::Tensor>& sigma_in,
                                                   const at::Tensor& tables_in, int64_t k0, int64_t k1,
                                                   const at::Tensor& call) {
-  check_flow_common(x0_in, tables_in, k0, k1);
+  check_x0(x0_in);
+  TORCH_CHECK_VALUE(x0_in.device().is_cpu(), "x0 must be a CPU tensor for the cpp flow ops, got ", x0_in.device());
+  check_flow_tables(x0_in, tables_in, k0, k1);
   check_call(x0_in, call);
   const at::Tensor x0 = x0_in.contiguous();
   const at::Tensor tables = tables_in.contiguous();
@@ -103,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> flow_noise_cpu(const at::Tensor& x0_in, const
     const float* q = tables.data_ptr<float>() + FLOW_ROW_Q * tables.size(1);
     const float* dq = tables.data_ptr<float>() + FLOW_ROW_DQ * tables.size(1);
     float* sp = sigma.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) sp[b] = draw_sigma(q, dq, nq, static_cast<uint32_t>(b), c, u0, u1);
+    for (int64_t b = 0; b < B; ++b) sp[b] = flow_draw_sigma(q, dq, nq, static_cast<uint32_t>(b), c, u0, u1);
   }
   at::Tensor xt = at::empty_like(x0);
   const float* sp = sigma.data_ptr<float>();
@@ -138,7 +106,9 @@ std::tuple<at::Tensor, at::Tensor> flow_loss_cpu(const at::Tensor& pred_in, cons
                                                  const at::Tensor& sigma_in, const at::Tensor& tables_in, int64_t k0,
                                                  int64_t k1, const at::Tensor& call_used, int64_t target,
                                                  bool inv_sigma2, bool with_grad) {
-  check_flow_common(x0_in, tables_in, k0, k1);
+  check_x0(x0_in);
+  TORCH_CHECK_VALUE(x0_in.device().is_cpu(), "x0 must be a CPU tensor for the cpp flow ops, got ", x0_in.device());
+  check_flow_tables(x0_in, tables_in, k0, k1);
   check_call(x0_in, call_used);
   check_same_device(x0_in, pred_in, "pred");
   check_float_dtype(pred_in, "pred");
@@ -175,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> flow_loss_cpu(const at::Tensor& pred_in, cons
         alignas(64) float eps_buf[EPS_CHUNK];
         alignas(64) float sq[EPS_CHUNK];
         for (int64_t b = b0; b < b1; ++b) {
-          const float w = interp_weight(wrow, nw, sp[b], inv_sigma2);
+          const float w = flow_weight(wrow, nw, sp[b], inv_sigma2);
           const float gscale = 2.0f * w / static_cast<float>(n);
           const P* pr = pp + b * n;
           const X* xr = xp + b * n;

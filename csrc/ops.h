@@ -118,4 +118,14 @@ inline void check_loss_args(const at::Tensor& pred, const at::Tensor& x0, const 
   check_call(x0, call);
 }
 
+// The flow ops' table and key (any device): [3, N + 1] float32 on x0's device, N >= 1.
+inline void check_flow_tables(const at::Tensor& x0, const at::Tensor& tables, int64_t k0, int64_t k1) {
+  check_x0(x0);
+  check_same_device(x0, tables, "tables");
+  TORCH_CHECK_TYPE(tables.scalar_type() == at::kFloat, "tables must be float32, got ", tables.scalar_type());
+  TORCH_CHECK_VALUE(tables.dim() == 2 && tables.size(0) == 3 && tables.size(1) >= 2,
+                    "flow tables must be [3, N + 1] with N >= 1, got shape ", tables.sizes());
+  check_key(k0, k1);
+}
+
 }  // namespace speed_kernels

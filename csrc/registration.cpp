@@ -134,6 +134,8 @@ TORCH_LIBRARY_IMPL(speed_kernels, CUDA, m) {
   m.impl("noise", &sk::noise_cuda);
   m.impl("loss", &sk::loss_cuda);
   m.impl("loss_backward", &sk::loss_backward_cuda);
+  m.impl("flow_noise", &sk::flow_noise_cuda);
+  m.impl("flow_loss", &sk::flow_loss_cuda);
 }
 #endif
 

@@ -33,7 +33,7 @@ from .op_schema import FlowArgs
 from .stream import LossStream
 from .tables import target_code
 
-FLOW_BACKENDS = ("auto", "triton", "cpp", "torch")
+FLOW_BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 
 
 def build_flow_tables(strategy: _fs.FlowStrategy, prediction: str) -> torch.Tensor:
@@ -83,8 +83,11 @@ class _TritonFlow:
         return flow_loss.flow_loss(pred, x0, sigma, a, reduce_mean)
 
 
-class _CppFlow:
-    name = "cpp"
+class _ExtFlow:
+    """The compiled extension's flow ops: `cpp` on CPU tensors, `cuda` on CUDA tensors."""
+
+    def __init__(self, name: str):
+        self.name = name
 
     def noise(self, x0, sigma_in, a):
         return torch.ops.speed_kernels.flow_noise.default(x0, sigma_in, a.tables, int(a.k0), int(a.k1), a.call)
@@ -107,22 +110,25 @@ def _triton_ok(device: torch.device) -> bool:
     return True
 
 
-def _cpp_ok(device: torch.device) -> bool:
-    if device.type != "cpu":
+def _ext_ok(device: torch.device) -> bool:
+    """Whether speed_kernels._C has flow kernels for this device type (cpp: CPU, cuda: CUDA)."""
+    if device.type not in ("cpu", "cuda"):
         return False
     try:
         from . import flow_ext
     except Exception:
         return False
-    return flow_ext.available()
+    return flow_ext.available(device.type)
 
 
 def flow_backends() -> dict:
-    """Which flow backends run on the CPU here ('available' or why not)."""
+    """Which flow backends run here ('available' or why not)."""
     cpu = torch.device("cpu")
     return {
         "torch": "available",
-        "cpp": "available" if _cpp_ok(cpu) else "unavailable (speed_kernels._C without flow ops)",
+        "cpp": "available" if _ext_ok(cpu) else "unavailable (speed_kernels._C without flow ops)",
+        "cuda": "available" if torch.cuda.is_available() and _ext_ok(torch.device("cuda"))
+        else "unavailable (needs a CUDA device and speed_kernels._C built with the CUDA kernels)",
         "triton": "available" if _triton_ok(torch.device("cuda")) or _triton_ok(cpu)
         else "unavailable (needs CUDA or TRITON_INTERPRET=1)",
     }
@@ -132,11 +138,11 @@ def select_flow_backend(name: str, device) -> object:
     device = torch.device(device)
     if name not in FLOW_BACKENDS:
         raise ValueError(f"backend must be one of {FLOW_BACKENDS}, got {name!r}")
-    if name == "auto":
+    if name == "auto":  # as DiffusionLoss: Triton on CUDA, else the compiled kernels, else the reference
         if device.type == "cuda" and _triton_ok(device):
             return _TritonFlow()
-        if _cpp_ok(device):
-            return _CppFlow()
+        if _ext_ok(device):
+            return _ExtFlow("cuda" if device.type == "cuda" else "cpp")
         return _TorchFlow()
     if name == "torch":
         return _TorchFlow()
@@ -144,9 +150,11 @@ def select_flow_backend(name: str, device) -> object:
         if not _triton_ok(device):
             raise ValueError(f"backend 'triton' does not run on {device} (CUDA, or the CPU with TRITON_INTERPRET=1)")
         return _TritonFlow()
-    if not _cpp_ok(device):
-        raise ValueError(f"backend 'cpp' is not available on {device} (speed_kernels._C built with csrc/flow_cpu.cpp)")
-    return _CppFlow()
+    want = "cpu" if name == "cpp" else "cuda"
+    if device.type != want or not _ext_ok(device):
+        raise ValueError(f"backend {name!r} is not available on {device} (speed_kernels._C with flow kernels for "
+                         f"{want} tensors: {flow_backends()[name]})")
+    return _ExtFlow(name)
 
 
 # ------------------------------------------------------------------------------ the loss
@@ -159,8 +167,8 @@ class FlowMatchingLoss(LossStream):
             "min_snr", or a "sampling+weighting" pair) or a FlowStrategy from flow_strategies.get.
         shift: the time shift s (sigma' = s sigma / (1 + (s - 1) sigma)) applied to the density.
         prediction: "v" (target eps - x0), "x0" or "eps".
-        backend: "auto" (triton on CUDA, cpp on the CPU when built, else torch), "triton",
-            "cpp" or "torch".
+        backend: "auto" (triton on CUDA, else the compiled kernels: cpp on the CPU, cuda on
+            CUDA, else torch), "triton", "cuda", "cpp" or "torch".
         seed, rank: the Philox key (rank folded in as DiffusionLoss does).
         clamp: optional (lo, hi): the density truncated to that sigma range.
         check_inputs: validate a given sigma's range (one host sync).
@@ -197,6 +205,7 @@ class FlowMatchingLoss(LossStream):
         self._init_stream(seed, rank)
         self._host_tables = build_flow_tables(strategy, prediction)
         self._args: dict = {}
+        self._backend_cache: dict = {}
         self.last_terms: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- plumbing
@@ -210,9 +219,15 @@ class FlowMatchingLoss(LossStream):
         return a
 
     def backend(self, device, dtype=torch.float32):
-        if self.backend_name == "auto" and dtype == torch.float64:
-            return _TorchFlow()
-        return select_flow_backend(self.backend_name, device)
+        key = (device, dtype)
+        b = self._backend_cache.get(key)  # selected once per device and dtype
+        if b is None:
+            if self.backend_name == "auto" and dtype == torch.float64:
+                b = _TorchFlow()
+            else:
+                b = select_flow_backend(self.backend_name, device)
+            self._backend_cache[key] = b
+        return b
 
     def sigma_pdf(self, sigma) -> np.ndarray:
         """The density sigma is drawn from (float64, for plots and tests)."""

@@ -1,4 +1,4 @@
-"""The compiled (`cpp`) flow-matching ops of speed_kernels._C: the autograd formula (from
+"""The compiled (`cpp` and `cuda`) flow-matching ops of speed_kernels._C: the autograd formula (from
 speed_kernels.op_schema) and the wrapper speed_kernels.flow calls.
 
 torch.ops.speed_kernels.flow_noise / flow_loss come from csrc/flow_cpu.cpp (registered in
@@ -18,9 +18,16 @@ except Exception:  # pragma: no cover - not built
     _HAVE = False
 
 
-def available() -> bool:
-    """Whether speed_kernels._C was built with csrc/flow_cpu.cpp."""
-    return _HAVE
+# device types with flow kernels, read once (a dispatcher query is not traceable by torch.compile)
+_DEVICE_TYPES = frozenset(
+    t for t, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if _HAVE and torch._C._dispatch_has_kernel_for_dispatch_key("speed_kernels::flow_noise", key)
+)
+
+
+def available(device_type: str = "cpu") -> bool:
+    """Whether speed_kernels._C has the flow kernels for this device type ("cpu" or "cuda")."""
+    return device_type in _DEVICE_TYPES
 
 
 if _HAVE:
@@ -35,7 +42,7 @@ def flow_loss(pred, x0, sigma, a, reduce_mean):
     if not _HAVE:
         raise ImportError("speed_kernels._C has no flow ops: rebuild with `python setup.py build_ext --inplace`")
     if x0.requires_grad and torch.is_grad_enabled():
-        raise ValueError("the cpp flow backend treats x0 as data and gives it no gradient; detach x0 "
+        raise ValueError("the compiled flow backends treat x0 as data and give it no gradient; detach x0 "
                          "(or use backend='torch')")
     with_grad = bool(pred.requires_grad and torch.is_grad_enabled())
     per, _ = torch.ops.speed_kernels.flow_loss(pred, x0, sigma, a.tables, int(a.k0), int(a.k1), a.call - 1,
