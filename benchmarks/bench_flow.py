@@ -52,9 +52,9 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
-    backends = ["torch"] + [b for b in ("cpp", "triton") if flow_backends()[b] == "available"]
-    if args.device == "cpu":
-        backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
+    # per device: the compiled kernels and Triton (the interpreter is not a benchmark)
+    kernels = ("cpp",) if args.device == "cpu" else ("triton", "cuda")
+    backends = ["torch"] + [b for b in kernels if flow_backends()[b] == "available"]
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {args.dtype}")
     print("| shape | eager script (us) | " + " | ".join(f"{b} (us)" for b in backends) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in backends) + " |")

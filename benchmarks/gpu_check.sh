@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One command for the GPU machine, run in the repo root:   bash benchmarks/gpu_check.sh
 # (1) environment, (2) optional build of the compiled extension, (3) the GPU test suite
-# (pytest -m gpu), (4) the op benchmark, (5) the training-step benchmark (bench_train.py: DiT-S/B/XL,
+# (pytest -m gpu), (4) the op benchmark (and the flow loss path, 4b), (5) the training-step benchmark (bench_train.py: DiT-S/B/XL,
 # U-Net 32/64; eager, CUDA graph, then torch.compile while its time budget lasts), (6) logs +
 # results copied flat into $OUT (<= 11 files). Every step runs under `timeout` and the script goes
 # on after a failure; the exit status is non-zero if any step failed. Total under 9 minutes on an
-# H100/H200: the step timeouts below sum to 490 s, plus start-up.
+# H100/H200: the step timeouts below sum to 510 s, plus start-up.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,10 +16,11 @@ LOG="$OUT/gpu_check.log"
 T_BUILD="${T_BUILD:-80}"
 T_TESTS="${T_TESTS:-130}"
 T_BENCH="${T_BENCH:-130}"
-T_TRAIN="${T_TRAIN:-150}"
+T_TRAIN="${T_TRAIN:-140}"
+T_FLOW="${T_FLOW:-30}"
 # bench_train starts no new row after TRAIN_BUDGET_S (a row in flight finishes; results are
 # written after every row, so a timeout still leaves the table of the finished rows)
-TRAIN_BUDGET_S="${TRAIN_BUDGET_S:-105}"
+TRAIN_BUDGET_S="${TRAIN_BUDGET_S:-95}"
 TRAIN_ARGS=(--device cuda --modes eager,graph,compile --repeats 6 --steps-per-repeat 3 --warmup 2
   --time-budget-s "$TRAIN_BUDGET_S")
 # SMOKE=1: rehearse the whole script on a CPU-only machine (tests and benchmark through the
@@ -78,10 +79,15 @@ fi
 # (4) op benchmark (writes benchmarks/results/ops_<gpu>.md/.csv after every variant)
 step bench "$T_BENCH" "$OUT/bench_ops.log" python3 benchmarks/bench_ops.py "${BENCH_ARGS[@]}"
 
+# (4b) flow-matching loss path: eager diffusers-style step against torch, triton and cuda (table in the log)
+FLOW_DEV=cuda; [ "$SMOKE" = 1 ] && FLOW_DEV=cpu
+step "bench-flow?" "$T_FLOW" "$OUT/bench_flow.log" python3 benchmarks/bench_flow.py --device "$FLOW_DEV" \
+  --shapes 256x4x32x32,128x3x64x64 --reps 20
+
 # (5) training steps (writes benchmarks/results/train_cuda.md/.csv after every row)
 step bench-train "$T_TRAIN" "$OUT/bench_train.log" python3 benchmarks/bench_train.py "${TRAIN_ARGS[@]}"
 
-# (6) results back (flat: gpu_check.log build.log pytest_gpu*.log bench_ops.log bench_train.log + md/csv)
+# (6) results back (flat: gpu_check.log build.log pytest_gpu*.log bench_ops.log bench_flow.log bench_train.log + md/csv)
 RES_DIR=benchmarks/results; [ "$SMOKE" = 1 ] && RES_DIR="$OUT/results"
 LATEST=$(ls -t "$RES_DIR"/ops_*.md 2>/dev/null | head -n 1)
 if [ -n "$LATEST" ] && [ "$RES_DIR" = benchmarks/results ]; then
