@@ -217,10 +217,14 @@ class DiffusionLoss(LossStream):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         self._check_x0(x0)
         self._check_pred(pred, x0)
-        t_arg = t
-        t = self._check_t(t, x0, "torch" if noise is not None else self.backend(x0.device, pred.dtype).name)
-        if noise is None:
-            self._check_draw(x0, t_arg)
+        draw = self._draw
+        if not (noise is None and draw is not None and t is draw[1] and x0.shape == draw[0]):
+            # the fast path above is the t that noise() returned for this shape: drawn by our op or
+            # validated there; anything else is validated (and matched to the draw) here
+            t_arg = t
+            t = self._check_t(t, x0, "torch" if noise is not None else self.backend(x0.device, pred.dtype).name)
+            if noise is None:
+                self._check_draw(x0, t_arg)
         reduce_mean = reduction == "mean"
         if noise is not None:
             if noise.shape != x0.shape or noise.device != x0.device:
