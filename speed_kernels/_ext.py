@@ -49,6 +49,8 @@ if _C is not None:
     CPP_AUTOGRAD = torch._C._dispatch_has_kernel_for_dispatch_key("speed_kernels::loss", "Autograd")
     if not CPP_AUTOGRAD:
         op_schema.register_autograd("speed_kernels::loss", op_schema.loss_autograd("default"))
+    if hasattr(torch.ops.speed_kernels, "flow_loss"):  # registered with the op, so no caller sees it without
+        op_schema.register_autograd("speed_kernels::flow_loss", op_schema.FLOW_LOSS_AUTOGRAD)
     # the OpOverloads, not the packets: the packet resolves the overload on every call (~3 us)
     _noise_op = torch.ops.speed_kernels.noise.default
     _loss_op = torch.ops.speed_kernels.loss.default

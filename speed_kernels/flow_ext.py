@@ -1,5 +1,6 @@
-"""The compiled (`cpp` and `cuda`) flow-matching ops of speed_kernels._C: the autograd formula (from
-speed_kernels.op_schema) and the wrapper speed_kernels.flow calls.
+"""The compiled (`cpp` and `cuda`) flow-matching ops of speed_kernels._C: which devices have them,
+and the wrapper speed_kernels.flow calls (fake kernels and the autograd formula come from
+speed_kernels.op_schema, registered by speed_kernels._ext when the extension loads).
 
 torch.ops.speed_kernels.flow_noise / flow_loss come from csrc/flow_cpu.cpp (registered in
 csrc/registration.cpp). flow_loss returns per-sample losses and d(sum of them)/d pred; backward
@@ -28,13 +29,6 @@ _DEVICE_TYPES = frozenset(
 def available(device_type: str = "cpu") -> bool:
     """Whether speed_kernels._C has the flow kernels for this device type ("cpu" or "cuda")."""
     return device_type in _DEVICE_TYPES
-
-
-if _HAVE:
-    from .op_schema import FLOW_LOSS_AUTOGRAD, register_autograd
-
-    # fake kernels: speed_kernels._ext registers them for every op of op_schema the extension has
-    register_autograd("speed_kernels::flow_loss", FLOW_LOSS_AUTOGRAD)
 
 
 def flow_loss(pred, x0, sigma, a, reduce_mean):
