@@ -115,6 +115,11 @@ def parse_samplers(spec: str) -> list[tuple[str, int, bool]]:
     return out
 
 
+def _sampler_key(sampler: tuple[str, int, bool]) -> str:
+    name, steps, final_only = sampler
+    return f"{name}-{steps}" + ("@final" if final_only else "")
+
+
 def bootstrap_speedup(steps, uniform_per_seed, strat_per_seed, *, n_boot: int = 1000, seed: int = 0):
     """Paired bootstrap over seeds of the speed-up read on mean curves: (low, high) 2.5 / 97.5
     percentiles and the share of resamples in which the strategy reached uniform's final score.
@@ -155,7 +160,8 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
               profile: str = "cpu", out: str | Path = ROOT / "benchmarks" / "results" / "regimes",
               latents: str | Path | None = None, device: str = "cpu", threads: int | None = 1,
               steps: int | None = None, eval_every: int | None = None, eval_samples: int | None = None,
-              n_boot: int = 1000, eval_seed: int = 12345, command: str | None = None, verbose: bool = True) -> dict:
+              n_boot: int = 1000, eval_seed: int = 12345, command: str | None = None, verbose: bool = True,
+              report_only: bool = False) -> dict:
     import torch
 
     from speed_train.sampling import save_grid
@@ -222,6 +228,9 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                 if record.exists() and json.loads(record.read_text()).get("signature") == signature:
                     evals = json.loads(record.read_text())["evals"]
                     say(f"  reusing {rname} {label} seed {seed}")
+                elif report_only:
+                    say(f"  no record of {rname} {label} seed {seed} with these settings (report only: not run)")
+                    continue
                 else:
                     evals = []
 
@@ -233,7 +242,7 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                                 continue
                             x = trainer.sample(prof["eval_samples"], sampler=sname, steps=ssteps, seed=eval_seed)
                             sc = evaluator(x.float().cpu(), sample_steps=ssteps, sampler=sname)
-                            _evals.append({"step": step, "sampler": sname + f"-{ssteps}" + ("@final" if final_only else ""),
+                            _evals.append({"step": step, "sampler": _sampler_key((sname, ssteps, final_only)),
                                            **{m: sc[m] for m in evaluator.metric_names}})
                             res.update({f"q_{sname}{ssteps}_{m}": sc[m] for m in evaluator.metric_names})
                             if step == _steps:
@@ -256,8 +265,16 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                         rows.append({"regime": rname, "strategy": label, "sampler": e["sampler"], "seed": seed,
                                      "step": e["step"], "metric": m, "value": e[m]})
                     curves.setdefault((label, e["sampler"]), {}).setdefault(seed, []).append((e["step"], e[metric]))
-        summary["regimes"][rname] = _summarise_regime(rname, data, prof, reg, specs, seed_list, sampler_list, curves,
+        # the speed-up is paired over seeds: summarise the seeds every strategy has finished
+        done = [sd for sd in seed_list
+                if all(sd in curves.get((label, _sampler_key(sp)), {}) for label, _, _ in specs for sp in sampler_list)]
+        if not done:
+            say(f"regimes: {rname}: no seed has a record for every strategy yet; no summary")
+            summary["regimes"][rname] = {"data": data, "profile": prof, "seeds_complete": [], "samplers": {}}
+            continue
+        summary["regimes"][rname] = _summarise_regime(rname, data, prof, reg, specs, done, sampler_list, curves,
                                                       metric, evaluator, prediction, n_boot, out)
+        summary["regimes"][rname]["seeds_complete"] = done
 
     meta = {**_provenance(command, device), "profile": profile, "seeds": seed_list,
             "samplers": [f"{a}-{b}" + ("@final" if f else "") for a, b, f in sampler_list], "strategies": [s[0] for s in specs],
@@ -281,7 +298,7 @@ def _summarise_regime(rname, data, prof, reg, specs, seeds, samplers, curves, me
            "floor": {m: desc["floor"][m] for m in evaluator.metric_names}, "floor_n": desc["floor"]["n"],
            "reconstruction": desc.get("reconstruction"), "analysis": prediction, "samplers": {}}
     for sname, ssteps, final_only in samplers:
-        sk = f"{sname}-{ssteps}" + ("@final" if final_only else "")
+        sk = _sampler_key((sname, ssteps, final_only))
         per = {}
         for label, _, _ in specs:
             by_seed = curves[(label, sk)]
@@ -344,6 +361,9 @@ def _markdown(summary: dict) -> str:
                   f"device: {meta['device']}", f"- versions: {json.dumps(meta['versions'])}; git {meta['git_commit']}",
                   f"- profile {meta['profile']}, seeds {meta['seeds']}, wall time {meta['wall_time_s']} s", ""]
     for rname, r in summary["regimes"].items():
+        if not r.get("seeds_complete"):
+            lines += [f"## {rname}", "", "no seed has a record for every strategy yet", ""]
+            continue
         a = r["analysis"]
         lines += [f"## {rname} ({r['data']}, {r['profile']['model']}, {r['profile']['steps']} steps, batch "
                   f"{r['profile']['batch_size']}{', learned sigma' if r['learn_sigma'] else ''})", "",
@@ -352,7 +372,7 @@ def _markdown(summary: dict) -> str:
                   + (f"; reconstruction floor {r['metric']} {_f(r['reconstruction'].get(r['metric']), 4)} "
                      f"(n = {r['reconstruction'].get('n')})" if r.get("reconstruction") else ""),
                   f"analysis of the training data: schedule tau {a['tau_schedule']}, data tau {a['tau_data']}, "
-                  f"recommended k {a['k']:.2g}", ""]
+                  f"recommended k {a['k']:.2g}", f"seeds summarised (every strategy finished): {r['seeds_complete']}", ""]
         for sk, table in r["samplers"].items():
             lines += [f"### {sk}", "", "| strategy | final (mean ± sd) | steps to uniform's final | speed-up | 95% CI "
                       "(bootstrap over seeds) | reached |", "|---|---|---|---|---|---|"]
@@ -385,6 +405,8 @@ def main(argv=None) -> int:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the speed-up interval")
     p.add_argument("--smoke", action="store_true", help="a tiny slice of digits regimes to check the pipeline")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: summarise the runs already recorded under --out (seeds every strategy finished)")
     args = p.parse_args(argv)
     kw = dict(regimes=args.regimes, strategies=args.strategies, seeds=args.seeds, samplers=args.samplers)
     if args.smoke:
@@ -393,7 +415,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/regimes.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     run_study(**kw, profile=args.profile, out=out, latents=args.latents, device=args.device, threads=args.threads,
               steps=args.steps, eval_every=args.eval_every, eval_samples=args.eval_samples, n_boot=args.bootstrap,
-              command=command.strip(), verbose=not args.quiet)
+              command=command.strip(), verbose=not args.quiet, report_only=args.report_only)
     return 0
 
 

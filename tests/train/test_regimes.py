@@ -82,3 +82,13 @@ def test_tiny_slice_writes_csv_summary_and_plots(tmp_path, tmp_path_factory, mon
                       out=out, verbose=False)
     with open(out / "results.csv") as f:
         assert list(csv.DictReader(f)) == rows
+    # report only: trains nothing, summarises the seeds every strategy has finished (2 is missing)
+    summ = regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform,adaptive:warmup_steps=1,every=1",
+                             seeds="0,1,2", samplers="ddim-2,ddpm-3@final", steps=4, eval_every=2, eval_samples=24,
+                             n_boot=50, out=out, verbose=False, report_only=True)
+    assert summ["regimes"]["smoke-digits-pixel"]["seeds_complete"] == [0, 1]
+    assert not (out / "runs" / "smoke-digits-pixel" / "uniform-seed2").exists()
+    summ = regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform", seeds="3", samplers="ddim-2",
+                             steps=4, eval_every=2, eval_samples=24, n_boot=50, out=out, verbose=False, report_only=True)
+    assert summ["regimes"]["smoke-digits-pixel"]["seeds_complete"] == []
+    assert "no seed has a record" in (out / "summary.md").read_text()
