@@ -28,6 +28,10 @@ real-vs-real floor, the reconstruction floor of the latent regime and the data-a
 logs (metrics.jsonl) under ``runs/``. A run whose record is already in ``runs/`` with identical
 settings is read back, so the study can be stopped and continued.
 
+`speed:tau=data` is SpeeD with the tau that ``speed-kernels analyze --data`` predicts for the
+regime's training data (resolved per regime): set beside `speed` (tau 700), it checks the
+prediction against the runs.
+
 Speed-up: S_u / S_s on the mean curve over seeds (speed_train.compare.speedup): S_u the first step
 where uniform reaches its own final score, S_s the first step where the strategy reaches it (linear
 interpolation; "not reached" counts as speed-up 0 in the bootstrap). The bootstrap resamples seeds
@@ -40,6 +44,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import re
 import shlex
 import sys
 import time
@@ -56,8 +61,10 @@ from speed_train.compare import _provenance, _safe, parse_strategies, speedup  #
 
 # the strategies of issue 13: uniform, SpeeD (code), SpeeD (paper), SpeeD sampling + P2 weights, P2,
 # Min-SNR, log-normal, logit-normal, importance, adaptive (both progress measures)
-STUDY_STRATEGIES = ("uniform,speed,speed:variant=paper,speed+p2,p2,min-snr,lognormal,logit-normal,"
+STUDY_STRATEGIES = ("uniform,speed,speed:variant=paper,speed:tau=data,speed+p2,p2,min-snr,lognormal,logit-normal,"
                     "importance,adaptive,adaptive:relative=false")
+# `tau=data` is replaced per regime by the tau that `speed-kernels analyze --data` predicts for that
+# regime's training data: the run that checks the prediction against SpeeD's default tau
 # On the CPU a DDPM-250 curve costs more than the training it scores: DDIM-50 gives the curve (and
 # the speed-up), DDPM-250 (the paper's sampler) scores the final step only ("@final").
 SAMPLERS = {"cpu": "ddim-50,ddpm-250@final", "gpu": "ddpm-250,ddim-50"}
@@ -113,6 +120,17 @@ def parse_samplers(spec: str) -> list[tuple[str, int, bool]]:
     if not out:
         raise ValueError("--samplers is empty")
     return out
+
+
+def _regime_specs(strategies: str, tau_data: int) -> list:
+    """The strategies of one regime: ``tau=data`` becomes the data-aware tau of the analysis
+    (speed_kernels.data_analysis); the label keeps ``tau=data`` so regimes line up."""
+    literal = f"tau={int(tau_data)}"
+    pattern = re.compile(re.escape(literal) + r"(?![0-9])")
+    if "tau=data" in strategies and pattern.search(strategies):
+        raise ValueError(f"--strategies holds both tau=data and the literal {literal}: they would be one run")
+    resolved = parse_strategies(strategies.replace("tau=data", literal))
+    return [(pattern.sub("tau=data", label), name, params) for label, name, params in resolved]
 
 
 def _sampler_key(sampler: tuple[str, int, bool]) -> str:
@@ -174,7 +192,7 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
             raise ValueError(f"unknown regime {r!r}; known: {', '.join(REGIMES)}")
         if profile not in REGIMES[r]:
             raise ValueError(f"regime {r!r} has no {profile!r} profile")
-    specs = parse_strategies(strategies)
+    specs = _regime_specs(strategies, 1)  # validates every name and parameter before any training
     if not any(name == "uniform" and not params for _, name, params in specs):
         raise ValueError("--strategies must include plain 'uniform': the speed-up is read against it")
     seed_list = [int(s) for s in str(seeds).split(",") if s.strip()]
@@ -213,7 +231,7 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
         prediction.pop("info_nats")
         curves: dict = {}
         for seed in seed_list:
-            for label, name, params in specs:
+            for label, name, params in _regime_specs(strategies, prediction["tau_data"]):
                 run_dir = out / "runs" / rname / f"{_safe(label)}-seed{seed}"
                 cfg = TrainConfig(model=prof["model"], data=data, strategy=name, strategy_params=dict(params),
                                   steps=prof["steps"], batch_size=prof["batch_size"], learn_sigma=reg["learn_sigma"],

@@ -92,3 +92,15 @@ def test_tiny_slice_writes_csv_summary_and_plots(tmp_path, tmp_path_factory, mon
                              steps=4, eval_every=2, eval_samples=24, n_boot=50, out=out, verbose=False, report_only=True)
     assert summ["regimes"]["smoke-digits-pixel"]["seeds_complete"] == []
     assert "no seed has a record" in (out / "summary.md").read_text()
+
+
+def test_data_tau_strategy_takes_the_analysis_tau():
+    specs = regimes._regime_specs("uniform,speed:tau=data,speed:tau=auto,speed:tau=7,adaptive:fast_steps=2,slow_steps=6",
+                                  770)
+    assert [s[0] for s in specs] == ["uniform", "speed:tau=data", "speed:tau=auto", "speed:tau=7",
+                                     "adaptive:fast_steps=2,slow_steps=6"]
+    assert specs[1][1] == "speed" and specs[1][2]["tau"] == 770
+    assert specs[2][2]["tau"] == "auto"
+    assert "speed:tau=data" in regimes.STUDY_STRATEGIES
+    with pytest.raises(ValueError, match="both tau=data and the literal tau=770"):
+        regimes._regime_specs("uniform,speed:tau=data,speed:tau=770", 770)
