@@ -108,16 +108,7 @@ std::tuple<at::Tensor, at::Tensor> flow_loss_cpu(const at::Tensor& pred_in, cons
                                                  bool inv_sigma2, bool with_grad) {
   check_x0(x0_in);
   TORCH_CHECK_VALUE(x0_in.device().is_cpu(), "x0 must be a CPU tensor for the cpp flow ops, got ", x0_in.device());
-  check_flow_tables(x0_in, tables_in, k0, k1);
-  check_call(x0_in, call_used);
-  check_same_device(x0_in, pred_in, "pred");
-  check_float_dtype(pred_in, "pred");
-  TORCH_CHECK_VALUE(pred_in.sizes() == x0_in.sizes(), "pred must have x0's shape ", x0_in.sizes(), ", got ",
-                    pred_in.sizes());
-  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "target must be 0 (eps), 1 (v) or 2 (x0), got ", target);
-  check_same_device(x0_in, sigma_in, "sigma");
-  TORCH_CHECK_VALUE(sigma_in.dim() == 1 && sigma_in.size(0) == x0_in.size(0), "sigma must be [B] = [", x0_in.size(0),
-                    "], got shape ", sigma_in.sizes());
+  check_flow_loss_args(pred_in, x0_in, sigma_in, tables_in, k0, k1, call_used, target);
   const at::Tensor pred = pred_in.contiguous();
   const at::Tensor x0 = x0_in.contiguous();
   const at::Tensor sigma = sigma_in.to(at::kFloat).contiguous();

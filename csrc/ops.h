@@ -128,4 +128,19 @@ inline void check_flow_tables(const at::Tensor& x0, const at::Tensor& tables, in
   check_key(k0, k1);
 }
 
+// The flow loss's inputs (any device; x0 itself is checked by the caller with its device).
+inline void check_flow_loss_args(const at::Tensor& pred, const at::Tensor& x0, const at::Tensor& sigma,
+                                 const at::Tensor& tables, int64_t k0, int64_t k1, const at::Tensor& call_used,
+                                 int64_t target) {
+  check_flow_tables(x0, tables, k0, k1);
+  check_call(x0, call_used);
+  check_same_device(x0, pred, "pred");
+  check_float_dtype(pred, "pred");
+  TORCH_CHECK_VALUE(pred.sizes() == x0.sizes(), "pred must have x0's shape ", x0.sizes(), ", got ", pred.sizes());
+  TORCH_CHECK_VALUE(target >= 0 && target <= 2, "target must be 0 (eps), 1 (v) or 2 (x0), got ", target);
+  check_same_device(x0, sigma, "sigma");
+  TORCH_CHECK_VALUE(sigma.dim() == 1 && sigma.size(0) == x0.size(0), "sigma must be [B] = [", x0.size(0),
+                    "], got shape ", sigma.sizes());
+}
+
 }  // namespace speed_kernels
