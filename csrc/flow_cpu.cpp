@@ -60,12 +60,7 @@ std::tuple<at::Tensor, at::Tensor> flow_noise_cpu(const at::Tensor& x0_in, const
   const uint32_t u0 = static_cast<uint32_t>(k0), u1 = static_cast<uint32_t>(k1);
   at::Tensor sigma;
   if (sigma_in.has_value() && sigma_in->defined()) {
-    check_same_device(x0, *sigma_in, "sigma");
-    TORCH_CHECK_VALUE(sigma_in->dim() == 1 && sigma_in->size(0) == B, "sigma must be [B] = [", B, "], got shape ",
-                      sigma_in->sizes());
-    TORCH_CHECK_TYPE(sigma_in->is_floating_point(), "sigma must be a floating-point tensor, got ",
-                     sigma_in->scalar_type());
-    sigma = sigma_in->to(at::kFloat).clone(at::MemoryFormat::Contiguous);  // outputs must not alias inputs
+    sigma = given_sigma(x0, *sigma_in);
   } else {
     sigma = at::empty({B}, x0.options().dtype(at::kFloat));
     const float* q = tables.data_ptr<float>() + FLOW_ROW_Q * tables.size(1);

@@ -143,4 +143,14 @@ inline void check_flow_loss_args(const at::Tensor& pred, const at::Tensor& x0, c
                     "], got shape ", sigma.sizes());
 }
 
+// A given sigma of the flow noise op, checked ([B] floating point on x0's device), as a float32
+// copy (an op's outputs must not alias its inputs).
+inline at::Tensor given_sigma(const at::Tensor& x0, const at::Tensor& sigma) {
+  check_same_device(x0, sigma, "sigma");
+  TORCH_CHECK_VALUE(sigma.dim() == 1 && sigma.size(0) == x0.size(0), "sigma must be [B] = [", x0.size(0),
+                    "], got shape ", sigma.sizes());
+  TORCH_CHECK_TYPE(sigma.is_floating_point(), "sigma must be a floating-point tensor, got ", sigma.scalar_type());
+  return sigma.to(at::kFloat).clone(at::MemoryFormat::Contiguous);
+}
+
 }  // namespace speed_kernels
