@@ -24,7 +24,7 @@ def _one_thread():
 # ----------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("name,C,size", [("DiT-tiny", 1, 8), ("DiT-S/8", 4, 16), ("unet-tiny", 1, 8),
+@pytest.mark.parametrize("name,C,size", [("DiT-tiny", 1, 8), ("DiT-mini", 4, 8), ("DiT-S/8", 4, 16), ("unet-tiny", 1, 8),
                                          ("unet-tiny", 3, 32), ("unet-small", 1, 32)])
 @pytest.mark.parametrize("learn_sigma", [False, True])
 @pytest.mark.parametrize("classes", [0, 10])
@@ -65,7 +65,7 @@ def test_dit_configs_match_paper():
         s = M.build_model("DiT-S/2", 4, 32, num_classes=1000, learn_sigma=True)
     assert abs(M.count_params(xl) / 675e6 - 1) < 0.005  # the paper's 675M
     assert abs(M.count_params(s) / 33e6 - 1) < 0.02  # 33M
-    assert {"DiT-S/2", "DiT-B/4", "DiT-L/8", "DiT-XL/2", "DiT-tiny", "unet-tiny", "unet-small"} <= set(M.model_names())
+    assert {"DiT-S/2", "DiT-B/4", "DiT-L/8", "DiT-XL/2", "DiT-tiny", "DiT-mini", "unet-tiny", "unet-small"} <= set(M.model_names())
 
 
 def test_unknown_model_lists_names():

@@ -42,6 +42,18 @@ def test_bootstrap_speedup():
         regimes.bootstrap_speedup(steps, u, s[:2])
 
 
+def test_every_regime_profile_names_a_known_model_and_fits_its_evaluations():
+    from speed_train.models import model_names
+
+    known = {m.lower() for m in model_names()}
+    for rname, reg in regimes.REGIMES.items():
+        profiles = {k: v for k, v in reg.items() if k in ("cpu", "gpu")}
+        assert "cpu" in profiles, rname
+        for pname, prof in profiles.items():
+            assert prof["model"].lower() in known, (rname, pname, prof["model"])
+            assert prof["steps"] % prof["eval_every"] == 0, (rname, pname)  # the final step is scored
+
+
 def test_study_needs_uniform_and_known_regimes(tmp_path):
     with pytest.raises(ValueError, match="uniform"):
         regimes.run_study(regimes="digits-pixel", strategies="speed", out=tmp_path, verbose=False)
