@@ -17,8 +17,6 @@ fixed evaluator and starting noise. Regimes:
   4x8x8 latents scaled to unit std, made on first use under ``--latents``), DiT with learned σ
   (DiT's hybrid loss) at the paper's lr 1e-4, samples decoded before scoring (the paper's regime
   at small scale; DiT-mini on the CPU profile, DiT-S/2 on the GPU's);
-- ``fmnist-latent-dit-tiny``: the latent regime's first CPU profile (DiT-tiny, ~40 min a run),
-  kept for its recorded runs.
 
 Profiles: ``cpu`` (a run of digits-pixel or fmnist-latent fits a 2-core machine in about 10
 minutes, one core per run; fewer steps, small models) and ``gpu`` (longer schedules, DiT-S/2 in
@@ -91,12 +89,6 @@ REGIMES = {
         "data": "latents:{latents}", "learn_sigma": True, "encode_from": "fashion-mnist",
         "cpu": dict(model="DiT-mini", steps=1500, eval_every=250, batch_size=64, eval_samples=500),
         "gpu": dict(model="DiT-S/2", steps=20000, eval_every=2000, batch_size=128, eval_samples=2000),
-    },
-    # the first CPU profile of the latent regime: ~40 min a run on a 2-core VM, four times the
-    # budget; kept so its two recorded runs still report (not in the default --regimes)
-    "fmnist-latent-dit-tiny": {
-        "data": "latents:{latents}", "learn_sigma": True, "encode_from": "fashion-mnist",
-        "cpu": dict(model="DiT-tiny", steps=1500, eval_every=250, batch_size=64, eval_samples=500),
     },
     # the smoke regimes: digits, tiny
     "smoke-digits-pixel": {
@@ -250,8 +242,11 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                                   seed=seed, device=device, out=str(run_dir), name=f"{_safe(label)}-seed{seed}",
                                   log_every=min(50, prof["eval_every"]), sample_every=0, ckpt_every=0, sample_n=0,
                                   progress=False, threads=threads)
+                config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "name", "progress")}
+                # the latents by their folder's name, not its absolute path: records stay valid in any checkout
+                config["data"] = "latents:" + Path(data[len("latents:"):]).name if data.startswith("latents:") else data
                 signature = json.loads(json.dumps({
-                    "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "name", "progress")},
+                    "config": config,
                     "eval_every": prof["eval_every"], "eval_samples": prof["eval_samples"], "samplers": sampler_list,
                     "eval_seed": eval_seed, "floor": evaluator.floor}, default=str))
                 record = run_dir / "evals.json"

@@ -312,6 +312,7 @@ def load_or_train_classifier(
             "epochs": epochs,
             "batch_size": batch_size,
             "lr": lr,
+            "threads": 1,  # trained on one thread (below): older, thread-dependent entries are not reused
         },
         sort_keys=True,
     )
@@ -333,16 +334,24 @@ def load_or_train_classifier(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     n = x.shape[0]
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(model(x[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if verbose:
-            print(f"  classifier epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}")
+    # one thread: CPU reductions split by thread count change the weights (2 threads vs 1 moved the
+    # digits classifier's weights by up to 3e-3 and its real-vs-real FD by 0.003), and every score
+    # of a study must come from the same feature network whatever thread count the caller uses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for epoch in range(epochs):
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n, batch_size):
+                idx = perm[i : i + batch_size]
+                loss = F.cross_entropy(model(x[idx]), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if verbose:
+                print(f"  classifier epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}")
+    finally:
+        torch.set_num_threads(threads)
     model.eval().requires_grad_(False)
     with torch.no_grad():
         correct = sum(

@@ -115,6 +115,25 @@ def test_classifier_is_cached_and_reloaded(tmp_path, monkeypatch):
     assert len({info1["key"], info3["key"], info4["key"]}) == 3
 
 
+def test_classifier_weights_do_not_depend_on_the_callers_thread_count():
+    # the same feature network for every score of a study, whatever --threads the caller set
+    pytest.importorskip("sklearn")
+    from speed_train.data import load_dataset
+
+    d = load_dataset("digits", flip=False)
+    before = torch.get_num_threads()
+    weights = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            m, _ = M.load_or_train_classifier(d.images, d.labels, "digits", epochs=2, cache=False)
+            assert torch.get_num_threads() == threads  # restored after training
+            weights[threads] = torch.cat([p.flatten() for p in m.state_dict().values()])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(weights[1], weights[2])
+
+
 def test_evaluator_floors_provenance_and_ordering(tmp_path, monkeypatch):
     monkeypatch.setenv("SPEED_KERNELS_CACHE", str(tmp_path))
     x, y = _toy_images(400)
