@@ -290,16 +290,18 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                         rows.append({"regime": rname, "strategy": label, "sampler": e["sampler"], "seed": seed,
                                      "step": e["step"], "metric": m, "value": e[m]})
                     curves.setdefault((label, e["sampler"]), {}).setdefault(seed, []).append((e["step"], e[metric]))
-        # the speed-up is paired over seeds: summarise the seeds every strategy has finished
-        done = [sd for sd in seed_list
-                if all(sd in curves.get((label, _sampler_key(sp)), {}) for label, _, _ in specs for sp in sampler_list)]
-        if not done:
-            say(f"regimes: {rname}: no seed has a record for every strategy yet; no summary")
-            summary["regimes"][rname] = {"data": data, "profile": prof, "seeds_complete": [], "samplers": {}}
+        # the speed-up is paired over seeds: each strategy is summarised on the seeds that it and
+        # uniform have both finished (a strategy added later reports on its own seeds)
+        u_seeds = _finished_seeds(curves, "uniform", seed_list, sampler_list)
+        seeds_of = {label: [sd for sd in _finished_seeds(curves, label, seed_list, sampler_list) if sd in u_seeds]
+                    for label, _, _ in specs}
+        if not u_seeds:
+            say(f"regimes: {rname}: no uniform run is recorded yet; no summary")
+            summary["regimes"][rname] = {"data": data, "profile": prof, "seeds": seeds_of, "samplers": {}}
             continue
-        summary["regimes"][rname] = _summarise_regime(rname, data, prof, reg, specs, done, sampler_list, curves,
+        summary["regimes"][rname] = _summarise_regime(rname, data, prof, reg, specs, seeds_of, sampler_list, curves,
                                                       metric, evaluator, prediction, n_boot, out)
-        summary["regimes"][rname]["seeds_complete"] = done
+        summary["regimes"][rname]["seeds"] = seeds_of
 
     meta = {**_provenance(command, device), "profile": profile, "seeds": seed_list,
             "samplers": [f"{a}-{b}" + ("@final" if f else "") for a, b, f in sampler_list], "strategies": [s[0] for s in specs],
@@ -316,7 +318,12 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
     return summary
 
 
-def _summarise_regime(rname, data, prof, reg, specs, seeds, samplers, curves, metric, evaluator, prediction, n_boot,
+def _finished_seeds(curves, label, seeds, samplers) -> list:
+    """The seeds with a record of ``label`` for every sampler."""
+    return [sd for sd in seeds if all(sd in curves.get((label, _sampler_key(sp)), {}) for sp in samplers)]
+
+
+def _summarise_regime(rname, data, prof, reg, specs, seeds_of, samplers, curves, metric, evaluator, prediction, n_boot,
                       out):
     desc = evaluator.describe()
     res = {"data": data, "profile": prof, "learn_sigma": reg["learn_sigma"], "metric": metric,
@@ -324,15 +331,23 @@ def _summarise_regime(rname, data, prof, reg, specs, seeds, samplers, curves, me
            "reconstruction": desc.get("reconstruction"), "analysis": prediction, "samplers": {}}
     for sname, ssteps, final_only in samplers:
         sk = _sampler_key((sname, ssteps, final_only))
-        per = {}
+        per = {}  # label -> (steps, [seeds, evaluations] array, seeds)
         for label, _, _ in specs:
-            by_seed = curves[(label, sk)]
-            steps = [s for s, _ in by_seed[seeds[0]]]
-            per[label] = (steps, np.array([[v for _, v in by_seed[s]] for s in seeds]))
-        u_steps, u_vals = per["uniform"]
+            seeds = seeds_of[label]
+            if seeds:
+                by_seed = curves[(label, sk)]
+                per[label] = ([s for s, _ in by_seed[seeds[0]]],
+                              np.array([[v for _, v in by_seed[sd]] for sd in seeds]), seeds)
+        u_steps, u_all, u_seeds = per["uniform"]
         table = []
         for label, _, _ in specs:
-            steps, vals = per[label]
+            if label not in per:
+                table.append({"strategy": label, "seeds": [], "final": None, "final_sd": None,
+                              "steps_to_uniform_final": None, "uniform_steps": None, "speedup": None, "bound": None,
+                              "ci95": [None, None], "reached_share": None})
+                continue
+            steps, vals, seeds = per[label]
+            u_vals = u_all[[u_seeds.index(sd) for sd in seeds]]  # uniform on the same seeds: paired
             if final_only:  # one point per seed: a final score, no curve to read a speed-up on
                 sp = {"steps": None, "uniform_steps": None, "speedup": None, "bound": None}
                 lo = hi = reached = None
@@ -341,25 +356,25 @@ def _summarise_regime(rname, data, prof, reg, specs, seeds, samplers, curves, me
                 lo, hi, reached = (bootstrap_speedup(steps, u_vals, vals, n_boot=n_boot) if len(seeds) > 1
                                    else (None, None, None))
             finals = vals[:, -1]
-            table.append({"strategy": label, "final": float(finals.mean()),
+            table.append({"strategy": label, "seeds": seeds, "final": float(finals.mean()),
                           "final_sd": float(finals.std(ddof=1)) if len(seeds) > 1 else None,
                           "steps_to_uniform_final": sp["steps"], "uniform_steps": sp["uniform_steps"],
                           "speedup": sp["speedup"], "bound": sp["bound"], "ci95": [lo, hi], "reached_share": reached})
         res["samplers"][sk] = table
         if not final_only:
-            _plot(out / f"{rname}_{sname}{ssteps}.png", rname, sk, per, metric, res["floor"][metric], seeds)
+            _plot(out / f"{rname}_{sname}{ssteps}.png", rname, sk, per, metric, res["floor"][metric])
     return res
 
 
-def _plot(path, rname, sk, per, metric, floor, seeds):
+def _plot(path, rname, sk, per, metric, floor):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for label, (steps, vals) in per.items():
-        line, = ax.plot(steps, vals.mean(0), marker="o", ms=3, lw=1.4, label=label)
+    for label, (steps, vals, seeds) in per.items():
+        line, = ax.plot(steps, vals.mean(0), marker="o", ms=3, lw=1.4, label=f"{label} ({len(seeds)} seeds)")
         if len(seeds) > 1:
             ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.12, lw=0)
     ax.axhline(floor, color="k", ls="--", lw=1, label="real vs real")
@@ -368,7 +383,7 @@ def _plot(path, rname, sk, per, metric, floor, seeds):
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    ax.set_title(f"{rname}, {sk}: mean over seeds {seeds} (band min-max)", fontsize=8)
+    ax.set_title(f"{rname}, {sk}: mean over seeds (band min-max)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -386,8 +401,8 @@ def _markdown(summary: dict) -> str:
                   f"device: {meta['device']}", f"- versions: {json.dumps(meta['versions'])}; git {meta['git_commit']}",
                   f"- profile {meta['profile']}, seeds {meta['seeds']}, wall time {meta['wall_time_s']} s", ""]
     for rname, r in summary["regimes"].items():
-        if not r.get("seeds_complete"):
-            lines += [f"## {rname}", "", "no seed has a record for every strategy yet", ""]
+        if not r.get("samplers"):
+            lines += [f"## {rname}", "", "no uniform run is recorded yet", ""]
             continue
         a = r["analysis"]
         lines += [f"## {rname} ({r['data']}, {r['profile']['model']}, {r['profile']['steps']} steps, batch "
@@ -397,15 +412,20 @@ def _markdown(summary: dict) -> str:
                   + (f"; reconstruction floor {r['metric']} {_f(r['reconstruction'].get(r['metric']), 4)} "
                      f"(n = {r['reconstruction'].get('n')})" if r.get("reconstruction") else ""),
                   f"analysis of the training data: schedule tau {a['tau_schedule']}, data tau {a['tau_data']}, "
-                  f"recommended k {a['k']:.2g}", f"seeds summarised (every strategy finished): {r['seeds_complete']}", ""]
+                  f"recommended k {a['k']:.2g}", "each strategy against uniform on the seeds both have finished "
+                  "(seeds column); speed-up = uniform's steps / the strategy's steps to uniform's final score", ""]
         for sk, table in r["samplers"].items():
-            lines += [f"### {sk}", "", "| strategy | final (mean ± sd) | steps to uniform's final | speed-up | 95% CI "
-                      "(bootstrap over seeds) | reached |", "|---|---|---|---|---|---|"]
+            lines += [f"### {sk}", "", "| strategy | seeds | final (mean ± sd) | steps to uniform's final | speed-up | "
+                      "95% CI (bootstrap over seeds) | reached |", "|---|---|---|---|---|---|---|"]
             for row in table:
+                seeds = ",".join(str(sd) for sd in row["seeds"]) or "none"
+                if not row["seeds"]:
+                    lines.append(f"| {row['strategy']} | none | no record yet | | | | |")
+                    continue
                 sp = "final only" if sk.endswith("@final") else "not reached" if row["steps_to_uniform_final"] is None else (
                     (row["bound"] + " " if row["bound"] else "") + f"{row['speedup']:.2f}x")
                 ci = "n/a" if row["ci95"][0] is None else f"[{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]"
-                lines.append(f"| {row['strategy']} | {_f(row['final'], 4)} ± {_f(row['final_sd'], 2)} | "
+                lines.append(f"| {row['strategy']} | {seeds} | {_f(row['final'], 4)} ± {_f(row['final_sd'], 2)} | "
                              f"{_f(row['steps_to_uniform_final'], 4)} | {sp} | {ci} | {_f(row['reached_share'], 2)} |")
             lines.append("")
     return "\n".join(lines)

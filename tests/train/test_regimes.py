@@ -2,6 +2,7 @@
 import csv
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -94,16 +95,31 @@ def test_tiny_slice_writes_csv_summary_and_plots(tmp_path, tmp_path_factory, mon
                       out=out, verbose=False)
     with open(out / "results.csv") as f:
         assert list(csv.DictReader(f)) == rows
-    # report only: trains nothing, summarises the seeds every strategy has finished (2 is missing)
-    summ = regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform,adaptive:warmup_steps=1,every=1",
+    # report only: trains nothing, summarises each strategy on the seeds it and uniform have finished
+    adaptive = "adaptive:warmup_steps=1,every=1"
+    summ = regimes.run_study(regimes="smoke-digits-pixel", strategies=f"uniform,{adaptive}",
                              seeds="0,1,2", samplers="ddim-2,ddpm-3@final", steps=4, eval_every=2, eval_samples=24,
                              n_boot=50, out=out, verbose=False, report_only=True)
-    assert summ["regimes"]["smoke-digits-pixel"]["seeds_complete"] == [0, 1]
+    assert summ["regimes"]["smoke-digits-pixel"]["seeds"] == {"uniform": [0, 1], adaptive: [0, 1]}
     assert not (out / "runs" / "smoke-digits-pixel" / "uniform-seed2").exists()
+    # a strategy recorded for seed 1 only is paired with uniform's seed 1, not with both of uniform's
+    shutil.rmtree(out / "runs" / "smoke-digits-pixel" / f"{regimes._safe(adaptive)}-seed0")
+    summ = regimes.run_study(regimes="smoke-digits-pixel", strategies=f"uniform,{adaptive},speed",
+                             seeds="0,1", samplers="ddim-2,ddpm-3@final", steps=4, eval_every=2, eval_samples=24,
+                             n_boot=50, out=out, verbose=False, report_only=True)
+    reg = summ["regimes"]["smoke-digits-pixel"]
+    assert reg["seeds"] == {"uniform": [0, 1], adaptive: [1], "speed": []}
+    rows_ddim = {t["strategy"]: t for t in reg["samplers"]["ddim-2"]}
+    assert rows_ddim[adaptive]["seeds"] == [1] and rows_ddim[adaptive]["final_sd"] is None
+    assert rows_ddim[adaptive]["final"] == pytest.approx(
+        [float(r["value"]) for r in rows if r["strategy"] == adaptive and r["seed"] == "1" and r["step"] == "4"
+         and r["sampler"] == "ddim-2" and r["metric"] == reg["metric"]][0])
+    assert rows_ddim["speed"]["seeds"] == [] and rows_ddim["speed"]["final"] is None
+    assert "| speed | none | no record yet |" in (out / "summary.md").read_text()
     summ = regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform", seeds="3", samplers="ddim-2",
                              steps=4, eval_every=2, eval_samples=24, n_boot=50, out=out, verbose=False, report_only=True)
-    assert summ["regimes"]["smoke-digits-pixel"]["seeds_complete"] == []
-    assert "no seed has a record" in (out / "summary.md").read_text()
+    assert summ["regimes"]["smoke-digits-pixel"]["seeds"] == {"uniform": []}
+    assert "no uniform run is recorded yet" in (out / "summary.md").read_text()
 
 
 def test_data_tau_strategy_takes_the_analysis_tau():
