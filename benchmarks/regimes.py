@@ -451,7 +451,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="a tiny slice of digits regimes to check the pipeline")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true",
-                   help="train nothing: summarise the runs already recorded under --out (seeds every strategy finished)")
+                   help="train nothing: summarise the runs already recorded under --out (each strategy on the seeds "
+                        "it and uniform have finished)")
     args = p.parse_args(argv)
     kw = dict(regimes=args.regimes, strategies=args.strategies, seeds=args.seeds, samplers=args.samplers)
     if args.smoke:
