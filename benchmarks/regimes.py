@@ -241,7 +241,8 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                 run_dir = out / "runs" / rname / f"{_safe(label)}-seed{seed}"
                 cfg = TrainConfig(model=prof["model"], data=data, strategy=name, strategy_params=dict(params),
                                   steps=prof["steps"], batch_size=prof["batch_size"], lr=prof.get("lr"),
-                                  learn_sigma=reg["learn_sigma"], seed=seed, device=device, out=str(run_dir), name=f"{_safe(label)}-seed{seed}",
+                                  learn_sigma=reg["learn_sigma"], seed=seed, device=device, out=str(run_dir),
+                                  name=f"{_safe(label)}-seed{seed}",
                                   log_every=min(50, prof["eval_every"]), sample_every=0, ckpt_every=0, sample_n=0,
                                   progress=False, threads=threads)
                 config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "name", "progress")}
@@ -427,10 +428,10 @@ def _markdown(summary: dict) -> str:
             lines += ["| strategy | seeds | final (mean ± sd) | steps to uniform's final | speed-up | "
                       "95% CI (bootstrap over seeds) | reached |", "|---|---|---|---|---|---|---|"]
             for row in table:
-                seeds = ",".join(str(sd) for sd in row["seeds"]) or "none"
                 if not row["seeds"]:
                     lines.append(f"| {row['strategy']} | none | no record yet | | | | |")
                     continue
+                seeds = ",".join(str(sd) for sd in row["seeds"])
                 sp = "final only" if sk.endswith("@final") else "not reached" if row["steps_to_uniform_final"] is None else (
                     (row["bound"] + " " if row["bound"] else "") + f"{row['speedup']:.2f}x")
                 ci = "n/a" if row["ci95"][0] is None else f"[{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]"
