@@ -325,6 +325,8 @@ MODEL_CONFIGS.update({
     "DiT-tiny": (DiT, dict(depth=6, hidden=192, heads=3, patch_size=2)),
     # a third of DiT-tiny's parameters, ~2.4x faster: the latent regime's run fits 10 CPU minutes
     "DiT-mini": (DiT, dict(depth=4, hidden=128, heads=4, patch_size=2)),
+    # the same model on 32x32 pixels: patch 4 gives 64 tokens (fmnist-pixel's CPU profile)
+    "DiT-mini/4": (DiT, dict(depth=4, hidden=128, heads=4, patch_size=4)),
     # a step so small that the host path (loss, optimizer launches) is most of it: benchmarks/tests
     "DiT-micro": (DiT, dict(depth=1, hidden=64, heads=2, patch_size=2)),
     "unet-tiny": (UNet, dict(ch=32, ch_mult=(1, 2), num_res=1, attn_max_res=8)),
