@@ -65,7 +65,10 @@ def _as_samples(data: Any, max_samples: int, seed: int) -> np.ndarray:
 
 def data_spectrum(data: Any, *, max_samples: int = 10000, max_dims: int = 4096, seed: int = 0) -> Dict[str, Any]:
     """Eigenvalues of the data covariance (descending; ``None`` above ``max_dims`` dims), its largest
-    eigenvalue, the total variance (trace), the dimension and the per-value std."""
+    eigenvalue, the total variance (trace), the dimension, the per-value std about the mean example
+    (``std``, what the spectrum sees) and the std of all values about their one overall mean
+    (``std_all``, LDM's latent-scale statistic: it also counts the spread of the mean example, so
+    latents scaled to ``std_all`` 1 can show ``std`` well below 1)."""
     x = _as_samples(data, max_samples, seed)
     n, d = x.shape
     xc = x - x.mean(0)
@@ -94,7 +97,7 @@ def data_spectrum(data: Any, *, max_samples: int = 10000, max_dims: int = 4096, 
             lam = new
         lam = new
     return {"eigenvalues": ev, "lambda_max": lam, "total_variance": total, "dims": d, "n": n,
-            "std": math.sqrt(total / d)}
+            "std": math.sqrt(total / d), "std_all": float(x.std(ddof=1))}
 
 
 def recommend_k(tau: int, T: int) -> float:
@@ -106,8 +109,8 @@ def data_areas(data: Any, schedule: NoiseSchedule, *, tau_threshold: float = TAU
                max_samples: int = 10000, max_dims: int = 4096, seed: int = 0) -> Dict[str, Any]:
     """The data-aware convergence area of ``data`` (an [N, ...] array in the units the model sees)
     under ``schedule`` (see the module docstring for the rule). Returns a dict with ``tau_schedule``,
-    ``tau_data``, ``k`` (recommended), ``lambda_max``, ``std``, ``snr_threshold``, the information
-    curve ``info_nats`` [T] and its values ``info_at_tau_schedule`` / ``info_at_tau_data`` (all None
+    ``tau_data``, ``k`` (recommended), ``lambda_max``, ``std``, ``std_all``, ``snr_threshold``, the
+    information curve ``info_nats`` [T] and its values ``info_at_tau_schedule`` / ``info_at_tau_data`` (all None
     above ``max_dims``)."""
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
@@ -126,7 +129,8 @@ def data_areas(data: Any, schedule: NoiseSchedule, *, tau_threshold: float = TAU
         at0, at1 = float(info[min(tau0, T - 1)]), float(info[min(tau, T - 1)])
     return {
         "schedule": schedule.name, "T": T, "tau_schedule": tau0, "tau_data": int(tau), "k": recommend_k(tau, T),
-        "lambda_max": lam, "std": spec["std"], "total_variance": spec["total_variance"], "dims": spec["dims"],
+        "lambda_max": lam, "std": spec["std"], "std_all": spec["std_all"],
+        "total_variance": spec["total_variance"], "dims": spec["dims"],
         "n": spec["n"], "snr_threshold": thr,
         "top_snr_at_tau_schedule": float(lam * snr[min(tau0, T - 1)]),
         "info_nats": info, "info_at_tau_schedule": at0, "info_at_tau_data": at1,
@@ -153,7 +157,8 @@ def load_data_array(spec: str, loader=None) -> np.ndarray:
 def format_data_report(rep: Dict[str, Any], name: str = "data") -> str:
     i0, i1 = rep["info_at_tau_schedule"], rep["info_at_tau_data"]
     lines = [
-        f"data: {name} ({rep['n']} examples of {rep['dims']} values; std {rep['std']:.4g}, "
+        f"data: {name} ({rep['n']} examples of {rep['dims']} values; std {rep['std']:.4g} about the mean example, "
+        f"{rep['std_all']:.4g} over all values; "
         f"largest covariance eigenvalue {rep['lambda_max']:.4g})",
         f"  schedule's tau {rep['tau_schedule']} (unit-variance data); this data's tau {rep['tau_data']} "
         f"(strongest direction's SNR reaches {rep['snr_threshold']:.3g} there)",

@@ -250,6 +250,19 @@ def test_spectrum_matches_numpy_and_power_iteration_agrees():
     assert np.all(np.diff(a["info_nats"]) <= 1e-12) and a["info_nats"][-1] >= 0
 
 
+def test_std_about_the_mean_example_and_over_all_values():
+    # per-value offsets (a "mean image") add to the all-values std, not to the spectrum's std
+    rng = np.random.default_rng(2)
+    noise = rng.standard_normal((400, 16)) * 0.5
+    offsets = np.linspace(-2.0, 2.0, 16)
+    spec = data_spectrum(noise + offsets)
+    assert spec["std"] == pytest.approx(math.sqrt(np.var(noise, axis=0, ddof=1).mean()), rel=1e-9)
+    assert spec["std_all"] == pytest.approx(float((noise + offsets).std(ddof=1)), rel=1e-12)
+    assert spec["std_all"] > 2 * spec["std"]
+    plain = data_spectrum(noise)
+    assert plain["std"] == pytest.approx(spec["std"], rel=1e-12)  # the offsets leave the spectrum alone
+
+
 def test_recommend_k_and_bad_data():
     assert recommend_k(700, 1000) == 5 and recommend_k(1000, 1000) == 1 and recommend_k(850, 1000) == 3
     with pytest.raises(ValueError, match="zero variance"):
