@@ -68,6 +68,15 @@ def test_dit_configs_match_paper():
     assert {"DiT-S/2", "DiT-B/4", "DiT-L/8", "DiT-XL/2", "DiT-tiny", "DiT-mini", "unet-tiny", "unet-small"} <= set(M.model_names())
 
 
+def test_dit_mini_patch4_on_32px_pixels():
+    # fmnist-pixel's CPU model: 64 tokens of 4x4 pixels, output shaped like its input
+    m = M.build_model("DiT-mini/4", 1, 32, num_classes=0, learn_sigma=False)
+    x = torch.randn(2, 1, 32, 32)
+    out = m(x, torch.tensor([0, 999]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert m.pos_embed.shape[1] == 64
+
+
 def test_unknown_model_lists_names():
     with pytest.raises(ValueError, match="unknown model 'DiT-Q/2'.*DiT-XL/2.*unet-small"):
         M.build_model("DiT-Q/2", 1, 8)
