@@ -249,7 +249,10 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         if os.environ.get("SPEED_KERNELS_TRACEBACK") == "1":
             raise
-        print(f"speed-kernels {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        # One write per line: print() sends the text and its newline in two writes, and under
+        # torchrun every rank shares the same stderr pipe, so two ranks' messages could run together.
+        sys.stderr.write(f"speed-kernels {args.command}: error: {one_line(exc)}\n")
+        sys.stderr.flush()
         return 2
 
 
