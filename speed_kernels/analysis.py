@@ -488,7 +488,7 @@ def add_analyze_command(subparsers: Any, data_loader=None) -> argparse.ArgumentP
     p.add_argument("--plot", metavar="FILE.png", help="write the picture to this file")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--data", metavar="SPEC", help="also estimate where the convergence area starts for this data "
-                   "(digits | fashion-mnist | latents:PATH | a folder | .npy/.npz) and recommend tau and k")
+                   "(digits | fashion-mnist | latents:PATH | a folder | .npy/.npz): a data-aware tau and k")
     p.set_defaults(func=_run_analyze, data_loader=data_loader)
     return p
 
