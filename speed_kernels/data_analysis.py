@@ -25,8 +25,9 @@ the area vanishes. The report also gives the Gaussian mutual information between
 I_t = ½·Σ_λ log(1 + λ·SNR_t) nats, at the schedule's τ and at τ_data, so a user can see how much
 x_t still says about x0 where SpeeD down-weights.
 
-What the regime study measured (benchmarks/regimes.py, README): SpeeD at τ_data was as fast as at
-the schedule's τ on pixel Fashion-MNIST and slower on its latents, so τ_data is reported as a
+What the regime study measured (benchmarks/regimes.py, README): SpeeD at τ_data was no faster than
+at the schedule's τ in any regime (as fast on pixel Fashion-MNIST, slower on its latents and on
+digits, the intervals overlapping on digits), so τ_data is reported as a
 diagnostic of where the data's convergence area lies, not as a better default; the report says so.
 
 The spectrum is the eigenvalues of the covariance of at most ``max_samples`` examples, flattened;
