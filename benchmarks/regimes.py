@@ -93,6 +93,12 @@ REGIMES = {
         "cpu": dict(model="DiT-mini", steps=1500, eval_every=250, batch_size=64, eval_samples=500, lr=1e-3),
         "gpu": dict(model="DiT-S/2", steps=20000, eval_every=2000, batch_size=128, eval_samples=2000),
     },
+    # issue 20: the latent regime's CPU profile as it is, trained 4x longer (evaluated every 500 steps),
+    # to read the speed-up as a function of the target; same latents folder as fmnist-latent
+    "fmnist-latent-long": {
+        "data": "latents:{latents}", "learn_sigma": True, "encode_from": "fashion-mnist",
+        "cpu": dict(model="DiT-mini", steps=6000, eval_every=500, batch_size=64, eval_samples=500, lr=1e-3),
+    },
     # the smoke regimes: digits, tiny
     "smoke-digits-pixel": {
         "data": "digits", "learn_sigma": False,
@@ -186,7 +192,7 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
               latents: str | Path | None = None, device: str = "cpu", threads: int | None = 1,
               steps: int | None = None, eval_every: int | None = None, eval_samples: int | None = None,
               n_boot: int = 1000, eval_seed: int = 12345, command: str | None = None, verbose: bool = True,
-              report_only: bool = False) -> dict:
+              report_only: bool = False, train_only: str | None = None) -> dict:
     import torch
 
     from speed_train.sampling import save_grid
@@ -202,6 +208,11 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
     specs = _regime_specs(strategies, 1)  # validates every name and parameter before any training
     if not any(name == "uniform" and not params for _, name, params in specs):
         raise ValueError("--strategies must include plain 'uniform': the speed-up is read against it")
+    # --train-only: the labels this invocation may train; the others are read back if recorded (so two
+    # processes can share a study without both training uniform)
+    trainable = None if train_only is None else {t.strip() for t in train_only.split(",") if t.strip()}
+    if trainable is not None and not trainable <= {label for label, _, _ in specs} | {"tau=data"}:
+        raise ValueError(f"--train-only names strategies not in --strategies: {sorted(trainable)}")
     seed_list = [int(s) for s in str(seeds).split(",") if s.strip()]
     if len(seed_list) < 1 or len(set(seed_list)) != len(seed_list):
         raise ValueError(f"--seeds must be distinct integers, got {seeds!r}")
@@ -257,8 +268,8 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                 if record.exists() and json.loads(record.read_text()).get("signature") == signature:
                     evals = json.loads(record.read_text())["evals"]
                     say(f"  reusing {rname} {label} seed {seed}")
-                elif report_only:
-                    say(f"  no record of {rname} {label} seed {seed} with these settings (report only: not run)")
+                elif report_only or (trainable is not None and label not in trainable):
+                    say(f"  no record of {rname} {label} seed {seed} with these settings (not run here)")
                     continue
                 else:
                     evals = []
@@ -460,6 +471,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the speed-up interval")
     p.add_argument("--smoke", action="store_true", help="a tiny slice of digits regimes to check the pipeline")
+    p.add_argument("--train-only", help="comma-separated labels of --strategies that this process may train; the "
+                   "others are only read back from their records (two processes sharing one study)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: summarise the runs already recorded under --out (each strategy on the seeds "
@@ -472,7 +485,8 @@ def main(argv=None) -> int:
     command = "python benchmarks/regimes.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     run_study(**kw, profile=args.profile, out=out, latents=args.latents, device=args.device, threads=args.threads,
               steps=args.steps, eval_every=args.eval_every, eval_samples=args.eval_samples, n_boot=args.bootstrap,
-              command=command.strip(), verbose=not args.quiet, report_only=args.report_only)
+              command=command.strip(), verbose=not args.quiet, report_only=args.report_only,
+              train_only=args.train_only)
     return 0
 
 

@@ -290,7 +290,7 @@ def strategy_parameters(name: str) -> Optional[List[str]]:
         return []
     if name not in S.names():
         raise ValueError(f"unknown strategy {name!r}; known: {', '.join(S.names())}")
-    factory = S._REGISTRY[name]
+    factory = S.factory(name)
     if isinstance(factory, type) and factory.__init__ is S.Strategy.__init__:
         return []  # the base constructor: **params only to refuse any
     sig = inspect.signature(factory)

@@ -100,9 +100,35 @@ class DiffusionLoss(LossStream):
         """float64 [T]: the weight of the MSE term at each t for this prediction target."""
         return torch.as_tensor(self.strategy.weights(self.schedule, prediction=self.prediction), dtype=torch.float64)
 
+    def tables(self, device) -> torch.Tensor:
+        """The float32 kernel table on `device` (created once, updated in place); a strategy that
+        keeps its state on the device writes its rows into a new table at once."""
+        new = resolve_device(device) not in self._tables
+        tab = super().tables(device)
+        if new and self.strategy.device_rows:
+            self._write_device_rows(tab)
+        return tab
+
+    def _write_device_rows(self, tab: torch.Tensor) -> None:
+        self.strategy.write_cdf_(tab[ROW_CDF], self.schedule, self.step)
+        self.strategy.write_weight_(tab[ROW_WEIGHT], self.schedule, self.prediction)
+
+    def parameters(self, device=None) -> list:
+        """The strategy's learnable tensors (``uncertainty``'s u), on `device` (default: where the
+        loss last ran, else the CPU), for the model's optimizer: ``AdamW([*model.parameters(),
+        *loss_fn.parameters("cuda")])``. Empty for every other strategy."""
+        if device is None:
+            device = self._call.device if self._call is not None else "cpu"
+        return self.strategy.parameters(resolve_device(device))
+
     def refresh_tables(self) -> None:
         """Recompute the strategy's rows and copy them in place into every device table
-        (dynamic strategies; call outside a captured CUDA graph)."""
+        (dynamic strategies; call outside a captured CUDA graph). A strategy with its state on
+        the device writes its rows there itself (no host work, no sync)."""
+        if self.strategy.device_rows:
+            for tab in self._tables.values():
+                self._write_device_rows(tab)
+            return
         probs = self.strategy.probs(self.schedule, step=self.step)
         weights = self.strategy.weights(self.schedule, prediction=self.prediction)
         self._host_tables[ROW_CDF] = sampling_row(probs, self.T)
@@ -233,6 +259,9 @@ class DiffusionLoss(LossStream):
                                         self.learn_sigma, reduce_mean, eps=noise)
         else:
             out, terms = self.backend(x0.device, pred.dtype).loss(pred, x0, t, self.op_args(x0.device), reduce_mean)
+        extra = self.strategy.extra_loss(t, terms[0])  # a learned weighting's own term (uncertainty's u)
+        if extra is not None:
+            out = out + (extra.mean() if reduce_mean else extra)
         self._last_terms = terms
         self.last_t = t
         if self.strategy.dynamic and self.auto_update:

@@ -389,7 +389,14 @@ class Trainer:
         # compile outside DDP, as PyTorch recommends (its DDP optimizer splits at bucket edges)
         self.fwd = torch.compile(fwd) if cfg.compile else fwd
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        groups = [{"params": self.params}]
+        # a learned weighting's table (uncertainty's u) trains with the model's optimizer, in a group
+        # of its own: its lr is the model's times the strategy's lr_scale, no weight decay
+        self.strategy_params = self.loss_fn.parameters(self.device) if cfg.objective != "flow" else []
+        for p in self.strategy_params:
+            scale = float(getattr(p, "lr_scale", 1.0))
+            groups.append({"params": [p], "lr": cfg.lr * scale, "weight_decay": 0.0, "lr_scale": scale})
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      fused=self.device.type == "cuda")
         self.order = DataOrder(self.data, cfg.batch_size // self.world_size, seed=cfg.seed, rank=self.rank,
                                world_size=self.world_size, device=self.device)
@@ -408,8 +415,10 @@ class Trainer:
         # device-side record of the first bad step, read at side steps (no per-step sync).
         # A strategy that learns from the losses copies them to the host every step anyway (and
         # must never learn from a NaN), so it is checked every step too.
+        # (a strategy that learns on the device ignores non-finite losses and needs no host copy)
         self._check_every_step = (self.device.type != "cuda" or cfg.skip_nonfinite > 0
-                                  or _learns_from_losses(self.loss_fn.strategy))
+                                  or (_learns_from_losses(self.loss_fn.strategy)
+                                      and not getattr(self.loss_fn.strategy, "device_rows", False)))
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.last_good_ckpt: Path | None = None
         self.last_grid: str | None = None
@@ -489,7 +498,7 @@ class Trainer:
         cfg = self.cfg
         lr = self._lr_at(self.step)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         kw = {"y": y} if self.num_classes else {}
         x_t, t = self.loss_fn.noise(x0)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -512,6 +521,11 @@ class Trainer:
             self.loss_fn.update_strategy(torch.cat(ts), torch.cat(ls))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world_size > 1:  # the strategy's own parameters are outside DDP: average their gradients
+            for p in self.strategy_params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world_size)
         if cfg.grad_clip:
             gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         else:

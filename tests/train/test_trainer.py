@@ -65,6 +65,10 @@ def test_short_run_loss_goes_down_and_writes_everything(tmp_path):
 @pytest.mark.parametrize("strategy,model,extra", [
     ("speed", "unet-tiny", dict(flip=True)),
     ("importance", "DiT-tiny", dict(learn_sigma=True, lr=3e-4)),
+    # the learned strategies: gradvar's device-side table (warmed up inside the run), uncertainty's
+    # u trained by the optimizer (its group's moments are in the checkpoint)
+    ("gradvar", "unet-tiny", dict(strategy_params=dict(warmup_steps=3, ema_steps=2.0))),
+    ("speed+uncertainty", "DiT-tiny", dict(learn_sigma=True, lr=3e-4)),
 ])
 def test_resume_gives_identical_per_step_losses(tmp_path, strategy, model, extra):
     straight = _cfg(tmp_path / "a", strategy=strategy, model=model, **extra)
@@ -87,6 +91,20 @@ def test_resume_gives_identical_per_step_losses(tmp_path, strategy, model, extra
         assert torch.equal(sa["model"][k], sb["model"][k]), k
         assert torch.equal(sa["ema"][k], sb["ema"][k]), k
     assert sa["ranks"][0]["loss_fn"]["call"] == sb["ranks"][0]["loss_fn"]["call"] == 12
+    st_a, st_b = sa["ranks"][0]["loss_fn"]["strategy_state"], sb["ranks"][0]["loss_fn"]["strategy_state"]
+    _assert_same_state(st_a, st_b)  # the strategy's learned state too, bit for bit
+
+
+def _assert_same_state(a, b, path="strategy_state"):
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
