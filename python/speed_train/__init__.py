@@ -7,8 +7,22 @@ Modules: models (DiT, U-Net, build_model), data (datasets, seeded resumable orde
 sampling (DDPM / DDIM, save_grid), trainer (TrainConfig, Trainer), checkpoint (atomic rotating
 checkpoints), cli (the `speed-kernels` command: analyze, train, sample, compare).
 Imports are lazy so that `speed-kernels --help` stays fast.
+
+Layers, bottom to top (tests/test_layering.py holds the package to them): a module imports only
+modules of lower layers (and speed_kernels, the library beneath everything).
 """
 __version__ = "0.1.0"
+
+LAYERS = (
+    ("files", ("latents", "checkpoint")),                    # encode folders and checkpoint files on disk
+    ("data", ("data",)),                                     # datasets (latents among them), seeded order
+    ("models", ("models", "sampling", "flow_objective", "adapters")),  # networks, samplers, loss glue
+    ("metrics", ("metrics",)),                               # beside the models: scores images from data
+    ("autoencoder", ("autoencoder",)),                       # trains on data, scores decodes with metrics
+    ("engine", ("trainer",)),                                # the training loop
+    ("studies", ("compare",)),                               # strategies against each other, on the engine
+    ("cli", ("cli",)),                                       # the `speed-kernels` command, last
+)
 
 _LAZY = {
     "TrainConfig": "trainer", "Trainer": "trainer", "load_checkpoint_model": "trainer",

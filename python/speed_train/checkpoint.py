@@ -50,12 +50,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _test_delay() -> None:
-    # tests only: widens the window between writing the temp file and renaming it, so a SIGKILL
-    # lands inside a checkpoint write (tests/train/test_checkpoint_faults.py)
-    d = os.environ.get("SPEED_TRAIN_TEST_SAVE_DELAY")
-    if d:
-        time.sleep(float(d))
+def _before_fsync() -> None:
+    """Called between writing a checkpoint's temp file and syncing it. A no-op: the fault tests
+    replace it (tests/train/slow_save.py) to widen the window a SIGKILL can land in."""
 
 
 def save_atomic(state: dict, path: Path) -> None:
@@ -67,7 +64,7 @@ def save_atomic(state: dict, path: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
-            _test_delay()
+            _before_fsync()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -75,7 +75,7 @@ def load_dataset(spec: str, image_size: int | None = None, flip: bool | None = N
     """Load a dataset by name or path (see the module docstring)."""
     key = str(spec).lower().replace("_", "-")
     if str(spec).startswith("latents:"):
-        from .autoencoder import load_latents
+        from .latents import load_latents
 
         x, y, meta = load_latents(str(spec)[len("latents:"):])
         data = ImageData(x, y, meta["num_classes"] if y is not None else 0, f"latents-{meta['data']}", False, False)

@@ -19,6 +19,7 @@ from speed_train.cli import build_parser, config_from_args
 from speed_train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
+SLOW_SAVE = Path(__file__).with_name("slow_save.py")
 ARGS = ["train", "--device", "cpu", "--model", "unet-tiny", "--strategy", "importance", "--steps", "10",
         "--batch-size", "8", "--log-every", "1", "--ckpt-every", "2", "--sample-n", "0", "--no-progress",
         "--threads", "1"]
@@ -56,12 +57,13 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
         torch.set_num_threads(n)
 
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", SPEED_TRAIN_TEST_SAVE_DELAY="0.15")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     rng = random.Random(1234)
     kills, mid_write = 0, 0
     for attempt in range(20):
         resume = ["--resume"] if ckpt_io.checkpoint_files(out) else []
-        proc = subprocess.Popen([sys.executable, "-m", "speed_train.cli", *ARGS, "--out", str(out), *resume],
+        # slow_save.py: the CLI with a 0.15 s pause inside every checkpoint write, so kills land in one
+        proc = subprocess.Popen([sys.executable, str(SLOW_SAVE), *ARGS, "--out", str(out), *resume],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             if attempt < 3:  # each start imports torch: a few seconds, so three kills
