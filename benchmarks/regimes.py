@@ -378,7 +378,74 @@ def _summarise_regime(rname, data, prof, reg, specs, seeds_of, samplers, curves,
         res["samplers"][sk] = table
         if not final_only:
             _plot(out / f"{rname}_{sname}{ssteps}.png", rname, sk, per, metric, res["floor"][metric])
+            res.setdefault("speedup_curves", {})[sk] = curve = speedup_curve(per, n_boot=n_boot)
+            if curve["targets"]:
+                _plot_speedup_curve(out / f"{rname}_{sname}{ssteps}_speedup.png", rname, sk, curve)
     return res
+
+
+def curve_targets(steps) -> list:
+    """The uniform steps s whose score is a target: every 1,000th step, and the final one."""
+    return [int(s) for i, s in enumerate(steps) if (s % 1000 == 0 or i == len(steps) - 1) and s > 0]
+
+
+def speedup_curve(per: dict, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The speed-up as a function of the target (issue 20): for each step s of uniform's curve in
+    ``curve_targets``, the quality uniform's mean curve has at s is the target; the speed-up is
+    uniform's first step reaching it over the strategy's (``speedup`` on uniform's curve cut at s),
+    with a paired bootstrap over seeds as for the final target. ``per``: label -> (steps,
+    [seeds, evals] values, seeds), uniform among them."""
+    u_steps, u_all, u_seeds = per["uniform"]
+    targets = curve_targets(u_steps)
+    out = {"targets": targets, "strategies": {}}
+    for label, (steps, vals, seeds) in per.items():
+        if label == "uniform" or list(steps) != list(u_steps):
+            continue
+        u_vals = u_all[[u_seeds.index(sd) for sd in seeds]]
+        rows = []
+        for s in targets:
+            i = list(u_steps).index(s) + 1
+            sp = speedup((u_steps[:i], u_vals.mean(0)[:i]), (steps, vals.mean(0)))
+            if len(seeds) > 1:
+                rng = np.random.default_rng(seed)
+                boot = np.empty(n_boot)
+                for b in range(n_boot):
+                    idx = rng.integers(0, len(seeds), len(seeds))
+                    r = speedup((u_steps[:i], u_vals[idx].mean(0)[:i]), (steps, vals[idx].mean(0)))
+                    boot[b] = 0.0 if r["speedup"] is None else r["speedup"]
+                ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+            else:
+                ci = [None, None]
+            rows.append({"s": s, "target": sp["target"], "uniform_steps": sp["uniform_steps"], "steps": sp["steps"],
+                         "speedup": sp["speedup"], "bound": sp["bound"], "ci95": ci})
+        out["strategies"][label] = {"seeds": seeds, "rows": rows}
+    return out
+
+
+def _plot_speedup_curve(path, rname, sk, curve):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for label, entry in curve["strategies"].items():
+        rows = entry["rows"]
+        s = [r["s"] for r in rows]
+        v = [np.nan if r["speedup"] is None else r["speedup"] for r in rows]
+        line, = ax.plot(s, v, marker="o", ms=3, lw=1.4, label=f"{label} ({len(entry['seeds'])} seeds)")
+        lo = [np.nan if r["ci95"][0] is None else r["ci95"][0] for r in rows]
+        hi = [np.nan if r["ci95"][1] is None else r["ci95"][1] for r in rows]
+        ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="uniform")
+    ax.set_xlabel("target: uniform's score at step s")
+    ax.set_ylabel("speed-up (uniform's steps / the strategy's)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    ax.set_title(f"{rname}, {sk}: speed-up against the target (band: bootstrap 95% over seeds)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _plot(path, rname, sk, per, metric, floor):
@@ -450,6 +517,22 @@ def _markdown(summary: dict) -> str:
                 lines.append(f"| {row['strategy']} | {seeds} | {_f(row['final'], 4)} ± {_f(row['final_sd'], 2)} | "
                              f"{_f(row['steps_to_uniform_final'], 4)} | {sp} | {ci} | {_f(row['reached_share'], 2)} |")
             lines.append("")
+            curve = r.get("speedup_curves", {}).get(sk)
+            if curve and len(curve["targets"]) > 1 and curve["strategies"]:
+                lines += [f"speed-up against the target ({sk}): the target is uniform's mean score at step s; "
+                          "each cell is the speed-up [bootstrap 95 % CI]", "",
+                          "| strategy | seeds | " + " | ".join(f"s = {s}" for s in curve["targets"]) + " |",
+                          "|---|---|" + "---|" * len(curve["targets"])]
+                for label, entry in curve["strategies"].items():
+                    cells = []
+                    for row in entry["rows"]:
+                        if row["speedup"] is None:
+                            cells.append("not reached")
+                            continue
+                        ci = "" if row["ci95"][0] is None else f" [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]"
+                        cells.append((row["bound"] + " " if row["bound"] else "") + f"{row['speedup']:.2f}x{ci}")
+                    lines.append(f"| {label} | {','.join(str(sd) for sd in entry['seeds'])} | " + " | ".join(cells) + " |")
+                lines.append("")
     return "\n".join(lines)
 
 

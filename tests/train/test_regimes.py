@@ -132,3 +132,26 @@ def test_data_tau_strategy_takes_the_analysis_tau():
     assert "speed:tau=data" in regimes.STUDY_STRATEGIES
     with pytest.raises(ValueError, match="both tau=data and the literal tau=770"):
         regimes._regime_specs("uniform,speed:tau=data,speed:tau=770", 770)
+
+
+def test_speedup_curve_reads_the_target_at_every_thousandth_step():
+    steps = [500, 1000, 1500, 2000, 2500, 3000]
+    u = np.array([[100.0, 80, 60, 40, 30, 20]] * 2)  # uniform, two identical seeds
+    s = np.array([[80.0, 40, 20, 15, 12, 10]] * 2)   # reaches uniform's s=1000 score (80) at 500
+    per = {"uniform": (steps, u, [0, 1]), "fast": (steps, s, [0, 1])}
+    curve = regimes.speedup_curve(per, n_boot=50)
+    assert curve["targets"] == [1000, 2000, 3000]
+    rows = curve["strategies"]["fast"]["rows"]
+    # s=1000: target 80, uniform 1000 / strategy 500; s=2000: target 40 at 1000; s=3000: 20 at 1500
+    assert [r["speedup"] for r in rows] == [2.0, 2.0, 2.0]
+    assert rows[0]["ci95"] == [2.0, 2.0]  # identical seeds: no spread
+    slow = {"uniform": (steps, u, [0]), "slow": (steps, u + 50, [0])}
+    rows = regimes.speedup_curve(slow)["strategies"]["slow"]["rows"]
+    assert rows[0]["speedup"] == pytest.approx(1000 / 2500) and rows[-1]["speedup"] is None
+    assert rows[0]["ci95"] == [None, None]
+
+
+def test_train_only_must_name_strategies_of_the_study(tmp_path):
+    with pytest.raises(ValueError, match="train-only"):
+        regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform,speed", train_only="p2", out=tmp_path,
+                          verbose=False)
