@@ -4,8 +4,9 @@
     summary = Trainer(TrainConfig(data="digits", strategy="speed", steps=2000)).run()
 
 Modules: models (DiT, U-Net, build_model), data (datasets, seeded resumable order),
-sampling (DDPM / DDIM, save_grid), trainer (TrainConfig, Trainer), checkpoint (atomic rotating
-checkpoints), cli (the `speed-kernels` command: analyze, train, sample, compare).
+sampling (DDPM / DDIM, save_grid), trainer (Trainer, the training loop) with its parts config
+(TrainConfig), distributed, faults and records, checkpoint (atomic rotating checkpoints), cli (the
+`speed-kernels` command: analyze, train, sample, compare).
 Imports are lazy so that `speed-kernels --help` stays fast.
 
 Layers, bottom to top (tests/test_layering.py holds the package to them): a module imports only
@@ -19,6 +20,8 @@ LAYERS = (
     ("models", ("models", "sampling", "flow_objective", "adapters")),  # networks, samplers, loss glue
     ("metrics", ("metrics",)),                               # beside the models: scores images from data
     ("autoencoder", ("autoencoder",)),                       # trains on data, scores decodes with metrics
+    ("ranks", ("distributed",)),                             # torchrun: ranks, process group, collectives
+    ("engine parts", ("config", "faults", "records")),       # settings, non-finite steps, run records
     ("engine", ("trainer",)),                                # the training loop
     ("studies", ("compare",)),                               # strategies against each other, on the engine
     ("cli", ("cli",)),                                       # the `speed-kernels` command, last

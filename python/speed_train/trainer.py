@@ -1,17 +1,9 @@
 """The training loop: one denoiser, one DiffusionLoss (the strategy's sampling and weighting
 on the fused loss path), AdamW, EMA, checkpoints that resume the run exactly, torchrun.
 
-Defaults chosen for short runs (documented here because they differ from the paper's
-DiT-XL/2 setup of lr 1e-4, EMA 0.9999, 400K steps):
-
-- ``lr=None`` means 1e-4 (the paper's), except 1e-3 on the 8x8 digits where tiny models
-  and a few thousand steps want a larger step;
-- ``ema=None`` means min(0.9999, 1 - 10/steps) (an EMA half-life of about 7% of the run),
-  always with the usual warm-up min(decay, (1+s)/(10+s)) so early samples are not the
-  random initialisation: with 0.9999 a 2,000-step run would sample a mostly untrained model;
-- ``bf16=True`` means bf16 autocast of the model on CUDA; on CPU it is ignored (fp32);
-- ``model="auto"`` picks unet-tiny for digits, unet-small for other pixel data and DiT-S/2
-  for arrays (latents).
+Its parts: the settings and their defaults in speed_train.config (TrainConfig), ranks and the
+process group in speed_train.distributed, non-finite steps in speed_train.faults, run.json,
+metrics.jsonl and the loss plot in speed_train.records.
 
 Exactness of ``resume``: the checkpoint holds the model, EMA, optimizer, every rank's
 DiffusionLoss state (Philox counter + strategy state), data order (epoch, index), torch
@@ -24,232 +16,39 @@ another world size is refused. Checkpoints: speed_train.checkpoint (atomic, last
 weights-only loadable, an unreadable newest one falls back to the previous).
 
 Per-step work has no host sync on CUDA: the loss and gradient norm are summed on the device and
-read (``.item()``) only at side steps (log, checkpoint, sample, eval, end); a device-side flag
-records the first step with a non-finite loss or gradient norm, checked at every side step
-before anything is written, so a poisoned state is never checkpointed. On CPU (where a
-``.item()`` costs nothing: there is no asynchronous queue to drain) and with
-``skip_nonfinite > 0`` (which must decide before the optimizer step) it is checked every step.
+read (``.item()``) only at side steps (log, checkpoint, sample, eval, end); non-finite steps are
+caught before anything is written (when and how: speed_train.faults), so a poisoned state is
+never checkpointed.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import math
-import os
-import platform
-import re
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
+from .config import TrainConfig, config_for_resume, make_loss, make_schedule, validate_config
 from .data import DataOrder, load_dataset
+from .distributed import (any_rank, average_gradients, barrier, broadcast_from_main, gather_cat, gather_objects,
+                          join_process_group, leave_process_group, learns_from_losses, max_over_ranks,
+                          mean_over_ranks, pick_device, ranks_from_env, wrap_ddp)
+from .faults import NonFiniteError, checks_every_step, nonfinite, note_first_bad, stop_message
 from .models import build_model, count_params
+from .records import describe_backend, git_commit, open_metrics, plot_loss, read_metrics, run_record, write_text_atomic
 from .sampling import sample as _sample, save_grid
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteError", "load_checkpoint_model", "make_schedule", "validate_config"]
 
-@dataclass
-class TrainConfig:
-    # what to train
-    model: str = "auto"                 # a name from speed_train.models.model_names(), or auto
-    data: str = "digits"                # digits | fashion-mnist | folder | file.npy/.npz
-    image_size: int | None = None       # None: the data's own size
-    class_cond: bool = True             # use labels when the data has them
-    class_dropout: float = 0.1          # label dropout for classifier-free guidance
-    flip: bool | None = None            # None: the data's default (see data.py)
-    # the diffusion and the loss
-    schedule: str = "linear"            # a NoiseSchedule constructor: linear | cosine | scaled_linear
-    T: int = 1000
-    strategy: str = "speed"
-    strategy_params: dict = field(default_factory=dict)
-    prediction: str | None = None       # eps | v | x0; None: eps for diffusion, v for flow
-    learn_sigma: bool = False
-    backend: str = "auto"
-    objective: str = "diffusion"        # diffusion | flow (FlowMatchingLoss; samplers euler | heun)
-    # optimisation
-    steps: int = 800                    # the no-argument digits run: about 3 CPU minutes
-    batch_size: int = 128               # global: divided among the ranks
-    lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    ema: float | None = None
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    bf16: bool = True
-    compile: bool = False
-    threads: int | None = None          # CPU threads of torch (None: torch's default; 1 under torchrun)
-    # output
-    out: str | None = None              # None: runs/<name>
-    name: str | None = None             # None: <data>-<model>-<strategy>
-    log_every: int = 50
-    sample_every: int = 0               # 0: one grid at the end only
-    ckpt_every: int = 1000              # and always at the end
-    sample_n: int = 64
-    sampler: str = "ddpm"               # ddpm | ddim
-    sample_steps: int = 100
-    guidance: float = 1.0
-    keep_ckpts: int = 2                 # checkpoints kept (ckpt-<step>.pt; ckpt.pt links the newest)
-    resume: bool | str = False          # True: the newest readable checkpoint in <out>; or a checkpoint file
-    overrides: list = field(default_factory=list)  # settings allowed to differ from the checkpoint on resume
-    skip_nonfinite: int = 0             # skip up to N steps with a non-finite loss / grad norm (0: stop)
-    progress: bool = True
-
-    def resolved(self, data_name: str, pixel_space: bool) -> "TrainConfig":
-        c = dataclasses.replace(self, strategy_params=dict(self.strategy_params))
-        if c.model == "auto":
-            c.model = ("unet-tiny" if data_name == "digits" else "unet-small") if pixel_space else "DiT-S/2"
-        if c.lr is None:
-            c.lr = 1e-3 if data_name == "digits" else 1e-4
-        if c.ema is None:
-            c.ema = min(0.9999, max(0.0, 1.0 - 10.0 / max(c.steps, 1)))
-        if c.prediction is None:  # flow models predict the velocity (docs/flow.md)
-            c.prediction = "v" if c.objective == "flow" else "eps"
-        if c.objective == "flow" and c.sampler == "ddpm":  # the default sampler; flow's default is euler
-            c.sampler = "euler"
-        if not c.grad_clip:  # 0 and None both mean off; one spelling in run.json and checkpoints
-            c.grad_clip = None
-        if c.name is None:
-            c.name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{data_name}-{c.model}-{c.strategy}").strip("-")
-        if c.out is None:
-            c.out = os.path.join("runs", c.name)
-        return c
-
-
-# ---------------------------------------------------------------------------------- validation
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """Every numeric and choice setting checked before any work; ValueError naming the setting
-    (in CLI spelling, e.g. --grad-clip) and the bad value."""
-    def fail(name, want, got):
-        raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {got!r}")
-
-    def integer(name, lo, optional=False):
-        v = getattr(cfg, name)
-        if optional and v is None:
-            return
-        if not _is_int(v) or v < lo:
-            fail(name, f"an integer >= {lo}" + (" (or unset)" if optional else ""), v)
-
-    def number(name, lo=None, lo_open=False, hi=None, hi_open=False, optional=False):
-        v = getattr(cfg, name)
-        if optional and v is None:
-            return
-        ok = _is_num(v) and math.isfinite(v)
-        if ok and lo is not None:
-            ok = v > lo if lo_open else v >= lo
-        if ok and hi is not None:
-            ok = v < hi if hi_open else v <= hi
-        if not ok:
-            lo_s = "" if lo is None else ("> " if lo_open else ">= ") + f"{lo:g}"
-            hi_s = "" if hi is None else ("< " if hi_open else "<= ") + f"{hi:g}"
-            rng = " and ".join(x for x in (lo_s, hi_s) if x)
-            fail(name, "a finite number" + (f" {rng}" if rng else "") + (" (or unset)" if optional else ""), v)
-
-    integer("steps", 1)
-    integer("batch_size", 1)
-    integer("T", 2)
-    integer("warmup_steps", 0)
-    integer("log_every", 0)
-    integer("sample_every", 0)
-    integer("ckpt_every", 0)
-    integer("sample_n", 0)
-    integer("sample_steps", 1)
-    integer("keep_ckpts", 1)
-    integer("skip_nonfinite", 0)
-    integer("seed", 0)
-    integer("image_size", 1, optional=True)
-    integer("threads", 1, optional=True)
-    number("lr", lo=0.0, lo_open=True, optional=True)
-    number("weight_decay", lo=0.0)
-    number("ema", lo=0.0, hi=1.0, hi_open=True, optional=True)
-    number("class_dropout", lo=0.0, hi=1.0, hi_open=True)
-    number("guidance", lo=0.0)
-    if cfg.grad_clip is not None and not (_is_num(cfg.grad_clip) and math.isfinite(cfg.grad_clip)
-                                          and cfg.grad_clip >= 0):
-        fail("grad_clip", "a finite number > 0 (0 or unset: no clipping)", cfg.grad_clip)
-    for name in ("class_cond", "learn_sigma", "bf16", "compile", "progress"):
-        if not isinstance(getattr(cfg, name), bool):
-            fail(name, "True or False", getattr(cfg, name))
-    if cfg.flip is not None and not isinstance(cfg.flip, bool):
-        fail("flip", "True, False or unset", cfg.flip)
-    if cfg.prediction is not None and cfg.prediction not in ("eps", "v", "x0"):
-        fail("prediction", "one of eps, v, x0", cfg.prediction)
-    if cfg.objective not in ("diffusion", "flow"):
-        fail("objective", "diffusion or flow", cfg.objective)
-    samplers = ("euler", "heun") if cfg.objective == "flow" else ("ddpm", "ddim")
-    if cfg.sampler not in samplers and not (cfg.objective == "flow" and cfg.sampler == "ddpm"):
-        fail("sampler", " or ".join(samplers) + f" for objective {cfg.objective}", cfg.sampler)
-    if not isinstance(cfg.strategy_params, dict):
-        raise TypeError(f"strategy_params must be a dict, got {type(cfg.strategy_params).__name__}")
-    if not isinstance(cfg.overrides, (list, tuple)) or not all(isinstance(k, str) for k in cfg.overrides):
-        raise TypeError(f"overrides must be a list of setting names, got {cfg.overrides!r}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key in cfg.overrides:
-        if key not in known:
-            raise ValueError(f"--override {key}: no such setting; settings: {', '.join(sorted(known))}")
-        if key not in OVERRIDABLE and key not in FREE_ON_RESUME:
-            raise ValueError(f"--override {key}: the checkpoint's model or state depends on {key}, so it cannot "
-                             f"change on resume; overridable: {', '.join(sorted(OVERRIDABLE))}")
-
-
-# Settings that never change what is trained (may differ on resume without --override) ...
-FREE_ON_RESUME = frozenset({"steps", "out", "name", "resume", "progress", "log_every", "sample_every",
-                            "ckpt_every", "sample_n", "sampler", "sample_steps", "guidance", "threads",
-                            "keep_ckpts", "skip_nonfinite", "overrides"})
-# ... and those that change the continuation but not the saved state's meaning (--override KEY).
-OVERRIDABLE = frozenset({"lr", "weight_decay", "warmup_steps", "ema", "grad_clip", "backend", "device", "bf16",
-                         "compile", "class_dropout"})
-# None means "auto / not given" for these: on resume they take the checkpoint's value.
-_AUTO_NONE = frozenset({"lr", "ema", "image_size", "flip", "name", "out", "threads"})
-
-
-class NonFiniteError(RuntimeError):
-    """Training stopped at a step whose loss or gradient norm is not finite."""
-
-
-def make_schedule(name: str, T: int):
-    from speed_kernels import NoiseSchedule
-
-    ctor = getattr(NoiseSchedule, name, None)
-    if name.startswith("_") or not callable(ctor):
-        raise ValueError(f"unknown schedule {name!r}; known: linear, cosine, scaled_linear")
-    return ctor(T=T)
-
-
-def make_loss(cfg: TrainConfig, schedule, rank: int = 0, auto_update: bool = True):
-    from speed_kernels import DiffusionLoss
-
-    return DiffusionLoss(schedule, strategy=cfg.strategy, strategy_params=cfg.strategy_params or None,
-                         prediction=cfg.prediction, learn_sigma=cfg.learn_sigma, backend=cfg.backend,
-                         seed=cfg.seed, rank=rank, auto_update=auto_update)
-
-
-def _learns_from_losses(strategy) -> bool:
-    """True when the strategy's update() uses the losses (importance sampling), directly or
-    inside a combination: only then must every rank see every rank's losses."""
-    parts = [getattr(strategy, "sampling", None), getattr(strategy, "weighting", None)]
-    if any(p is not None for p in parts):
-        return any(_learns_from_losses(p) for p in parts if p is not None)
-    from speed_kernels.strategies import Strategy
-
-    return getattr(strategy, "dynamic", False) and type(strategy).update is not Strategy.update
+# the names these had when they lived here, still importable from here
+_pick_device = pick_device
+_git_commit = git_commit
+_learns_from_losses = learns_from_losses
 
 
 def _cpu(obj):
@@ -263,43 +62,6 @@ def _cpu(obj):
     return obj
 
 
-def _differs(a, b) -> bool:
-    # JSON-ish comparison: a tuple in the config equals the list it was saved as
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) != list(b)
-    return a != b
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _git_commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except Exception:
-        return None
-
-
-def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device cuda requested but torch.cuda.is_available() is False")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
-
-
 class Trainer:
     """``Trainer(cfg).run()`` trains and returns a summary dict. Under torchrun (WORLD_SIZE > 1)
     it joins the process group itself (gloo on CPU, NCCL on CUDA).
@@ -310,9 +72,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, explicit=None):
         validate_config(cfg)  # before any work
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world_size, self.rank, self.local_rank = ranks_from_env()
         self._own_pg = False
         try:
             self._setup(cfg, explicit)
@@ -321,16 +81,12 @@ class Trainer:
             raise
 
     def _setup(self, cfg: TrainConfig, explicit):
-        self.device = _pick_device(cfg.device, self.local_rank)
+        self.device = pick_device(cfg.device, self.local_rank)
         # several ranks on one CPU: one thread each, or OpenMP threads fight over the cores
         threads = cfg.threads or (1 if self.world_size > 1 and self.device.type == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
-        if self.world_size > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            self._own_pg = True
+        self._own_pg = join_process_group(self.device, self.world_size)
         self.is_main = self.rank == 0
 
         # data first: it decides the model's channels, size and classes (and the default run folder)
@@ -350,7 +106,7 @@ class Trainer:
             if (cfg.data, cfg.image_size, cfg.flip) != (raw.data, raw.image_size, raw.flip):
                 self.data = load_dataset(cfg.data, cfg.image_size, cfg.flip)  # the checkpoint's data
             if cfg.device != raw.device:  # the checkpoint's device (e.g. cpu on a machine with a GPU)
-                self.device = _pick_device(cfg.device, self.local_rank)
+                self.device = pick_device(cfg.device, self.local_rank)
             if cfg.threads and cfg.threads != raw.threads:
                 torch.set_num_threads(cfg.threads)
         self.cfg = cfg
@@ -368,10 +124,10 @@ class Trainer:
         else:
             self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=True)
         self.gather_losses = (self.world_size > 1 and cfg.objective != "flow"
-                              and _learns_from_losses(self.loss_fn.strategy))
+                              and learns_from_losses(self.loss_fn.strategy))
         if self.gather_losses:  # each rank updates the strategy from every rank's losses
             self.loss_fn = make_loss(cfg, self.schedule, rank=self.rank, auto_update=False)
-        self.backend_info = self._describe_backend()
+        self.backend_info = describe_backend(self.loss_fn, self.device, cfg.backend)
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.model_args = dict(name=cfg.model, in_channels=C, image_size=H, num_classes=self.num_classes,
@@ -381,11 +137,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + 7919 * self.rank)  # label dropout differs across ranks
         np.random.seed((cfg.seed + 7919 * self.rank) % 2**32)
 
-        fwd = self.model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        fwd = wrap_ddp(self.model, self.device, self.world_size)
         # compile outside DDP, as PyTorch recommends (its DDP optimizer splits at bucket edges)
         self.fwd = torch.compile(fwd) if cfg.compile else fwd
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -410,15 +162,7 @@ class Trainer:
         self._acc_gn = torch.zeros((), device=self.device)
         self._acc_n = 0
         self.skipped = 0  # steps skipped for a non-finite loss / grad norm (skip_nonfinite)
-        # CPU: .item() is free (no asynchronous queue), so check every step and stop before the
-        # optimizer applies a NaN; skip_nonfinite must decide before the step too. CUDA: a
-        # device-side record of the first bad step, read at side steps (no per-step sync).
-        # A strategy that learns from the losses copies them to the host every step anyway (and
-        # must never learn from a NaN), so it is checked every step too.
-        # (a strategy that learns on the device ignores non-finite losses and needs no host copy)
-        self._check_every_step = (self.device.type != "cuda" or cfg.skip_nonfinite > 0
-                                  or (_learns_from_losses(self.loss_fn.strategy)
-                                      and not getattr(self.loss_fn.strategy, "device_rows", False)))
+        self._check_every_step = checks_every_step(self.device, cfg.skip_nonfinite, self.loss_fn.strategy)
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.last_good_ckpt: Path | None = None
         self.last_grid: str | None = None
@@ -449,40 +193,8 @@ class Trainer:
                 f"checkpoint {where} was written by {saved_ws} rank(s), this run has {self.world_size}: resuming on "
                 f"another world size is refused (each rank's t/eps stream and data position belong to its rank); "
                 f"resume with {saved_ws} rank(s), or start a new run")
-        names = [f.name for f in dataclasses.fields(TrainConfig)]
-        saved = state.get("config", {})
-        if explicit is None:
-            chosen = {k for k in names if not (k in _AUTO_NONE and getattr(raw, k) is None)}
-        else:
-            chosen = set(explicit) & set(names)
-        diffs = {}
-        merged = {}
-        for k in names:
-            mine = getattr(cfg, k)
-            if k not in saved:  # a setting newer than the checkpoint: its default
-                merged[k] = mine
-                continue
-            theirs = saved[k]
-            if k in FREE_ON_RESUME:
-                merged[k] = mine if k in chosen or k in ("resume", "out", "overrides") else theirs
-            elif k in chosen and _differs(theirs, mine):
-                if k in cfg.overrides:
-                    merged[k] = mine
-                    self.override_diffs[k] = {"checkpoint": theirs, "now": mine}
-                else:
-                    diffs[k] = (theirs, mine)
-                    merged[k] = theirs
-            else:
-                merged[k] = theirs
-        if diffs:
-            lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in
-                              ((k, *v) for k, v in sorted(diffs.items())))
-            raise ValueError(f"--resume from {where}: settings differ from the checkpoint's ({lines}); drop those "
-                             f"flags to continue exactly, or allow a change with --override KEY "
-                             f"(overridable: {', '.join(sorted(OVERRIDABLE))})")
-        out = TrainConfig(**merged)
-        validate_config(out)
-        return out
+        cfg, self.override_diffs = config_for_resume(raw, cfg, state.get("config", {}), explicit, where)
+        return cfg
 
     # ------------------------------------------------------------------ one step
 
@@ -514,33 +226,21 @@ class Trainer:
         if self.gather_losses:
             # the strategy learns from unweighted losses (what auto_update feeds it too)
             per = self.loss_fn.unweighted_losses(t).float()
-            ts = [torch.empty_like(t) for _ in range(self.world_size)]
-            ls = [torch.empty_like(per) for _ in range(self.world_size)]
-            dist.all_gather(ts, t)
-            dist.all_gather(ls, per)
-            self.loss_fn.update_strategy(torch.cat(ts), torch.cat(ls))
+            self.loss_fn.update_strategy(gather_cat(t, self.world_size), gather_cat(per, self.world_size))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.world_size > 1:  # the strategy's own parameters are outside DDP: average their gradients
-            for p in self.strategy_params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.world_size)
+        average_gradients(self.strategy_params, self.world_size)  # the strategy's own: outside DDP
         if cfg.grad_clip:
             gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         else:
             gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
         loss, gn = loss.detach(), gn.detach()
-        bad = ~(torch.isfinite(loss) & torch.isfinite(gn))
+        bad = nonfinite(loss, gn)
         if self._check_every_step:
-            if self.world_size > 1:  # a NaN on one rank: every rank skips or stops together
-                flag = bad.to(torch.int32)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                bad = flag.bool()
-            if bool(bad):
+            if bool(any_rank(bad, self.world_size)):  # a NaN on one rank: every rank skips or stops together
                 return self._on_nonfinite(loss, gn)
         else:
-            self._first_bad = torch.where(bad & (self._first_bad < 0), self.step + 1, self._first_bad)
+            self._first_bad = note_first_bad(self._first_bad, bad, self.step + 1)
         self.opt.step()
         self._update_ema()
         return loss, gn, True
@@ -554,21 +254,12 @@ class Trainer:
         return loss, gn, False
 
     def _stop_nonfinite(self, step: int, loss: float | None = None, gn: float | None = None):
-        what = "" if loss is None else f" (loss {loss}, grad norm {gn})"
-        skipped = f" after skipping {self.skipped} such step(s)" if self.skipped else ""
-        good = (f"the last good checkpoint is {self.last_good_ckpt}" if self.last_good_ckpt
-                else "no checkpoint was written")
-        raise NonFiniteError(f"non-finite loss or gradient norm at step {step}{what}{skipped}: training stopped; "
-                             f"{good}" + ("" if self.cfg.skip_nonfinite else " (--skip-nonfinite N skips up to N such "
-                                                                            "steps)"))
+        raise NonFiniteError(stop_message(step, loss, gn, self.skipped, self.last_good_ckpt, self.cfg.skip_nonfinite))
 
     def _check_finite(self):
         """The deferred (CUDA) check, at a side step, before anything is logged or saved."""
         if not self._check_every_step:
-            first = self._first_bad.clone()
-            if self.world_size > 1:
-                dist.all_reduce(first, op=dist.ReduceOp.MAX)
-            first = int(first)
+            first = int(max_over_ranks(self._first_bad, self.world_size))
             if first >= 0:
                 self._stop_nonfinite(first)
 
@@ -638,12 +329,7 @@ class Trainer:
         """Collective under torchrun (every rank's RNG/data state is gathered); rank 0 writes.
         Without ``path``: the rotating ckpt-<step>.pt files of the run folder (last keep_ckpts kept,
         ckpt.pt links the newest). A failed write fails every rank with the same message."""
-        mine = self._rank_state()
-        if self.world_size > 1:
-            ranks = [None] * self.world_size
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
+        ranks = gather_objects(self._rank_state(), self.world_size)
         error = None
         if self.is_main:
             state = {
@@ -668,10 +354,7 @@ class Trainer:
             except Exception as exc:
                 error = (f"checkpoint save failed at step {self.step} ({target}): {type(exc).__name__}: {exc}; "
                          f"the previous checkpoint ({self.last_good_ckpt or 'none'}) is untouched")
-        if self.world_size > 1:  # rank 0 tells every rank; nobody waits forever on a dead writer
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
+        error = broadcast_from_main(error, self.world_size)  # rank 0 tells every rank: nobody waits on a dead writer
         if error:
             raise ckpt_io.CheckpointError(error)
         if path is None:
@@ -708,108 +391,20 @@ class Trainer:
         self.step = int(st["step"])
         self.resumed_from = self.step
 
-    # ------------------------------------------------------------------ logs
-
-    def _describe_backend(self) -> dict:
-        """Which loss backend runs and why, e.g. {"requested": "auto", "resolved": "cpp",
-        "reason": "auto on cpu"} or "auto on cpu: no kernel backend (cpp: <why>)"."""
-        requested = str(self.cfg.backend)
-        try:
-            resolved = self.loss_fn.backend(self.device).name
-        except Exception as exc:  # an older or foreign loss object
-            return {"requested": requested, "resolved": None, "reason": f"unknown ({exc})"}
-        if requested == "auto":
-            from speed_kernels.backends import auto_choice
-
-            _, reason = auto_choice(self.device)  # names the kernel backends it had to pass over
-        else:
-            reason = f"requested on {self.device.type}"
-        return {"requested": requested, "resolved": resolved, "reason": reason}
-
-    def _backend_name(self) -> str:
-        return f"{self.backend_info['requested']} -> {self.backend_info['resolved']}"
+    # ------------------------------------------------------------------ logs (speed_train.records)
 
     def _write_run_json(self):
-        import speed_train
-        from speed_kernels.backends import numerics_env
-
-        try:
-            import speed_kernels
-            sk_version = getattr(speed_kernels, "__version__", None)
-        except Exception:  # pragma: no cover
-            sk_version = None
-        info = {
-            "produced_by": "speed-kernels train (speed_train.Trainer)",
-            "command": sys.argv,
-            "config": dataclasses.asdict(self.cfg),
-            "model_args": self.model_args,
-            "params": count_params(self.model),
-            "data": {"name": self.data.name, "n": len(self.data), "shape": list(self.data.shape),
-                     "num_classes": self.num_classes, "flip": self.data.flip},
-            "loss": repr(self.loss_fn),
-            "backend": self._backend_name(),
-            "backend_info": self.backend_info,
-            "numerics_env": numerics_env(),
-            "device": str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})"
-                                          if self.device.type == "cuda" else f" ({os.cpu_count()} CPUs)"),
-            "world_size": self.world_size,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                         "speed_kernels": sk_version, "speed_train": getattr(speed_train, "__version__", None)},
-            "git_commit": _git_commit(),
-            "resumed_from_step": self.resumed_from,
-            "resumed_from_file": str(self.resume_file) if self.resume_file else None,
-            "overrides": self.override_diffs,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _write_text_atomic(self.out / "run.json", json.dumps(info, indent=2, default=str))
+        write_text_atomic(self.out / "run.json", json.dumps(run_record(self), indent=2, default=str))
 
     def _open_metrics(self):
-        # on resume keep the log up to the checkpoint's step (later lines belong to a lost future;
-        # a line cut by a crash is dropped); rewritten atomically so a crash here loses nothing
-        keep = []
-        if self.resumed_from is not None and self.metrics_path.exists():
-            for line in self.metrics_path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= self.resumed_from:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    pass
-        _write_text_atomic(self.metrics_path, "".join(line + "\n" for line in keep))
-        return open(self.metrics_path, "a", buffering=1)
+        return open_metrics(self.metrics_path, self.resumed_from)
 
     def _read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.metrics_path)
 
     def plot_loss(self, path: Path | None = None) -> str | None:
-        rows = [r for r in self._read_metrics() if r.get("loss") is not None]
-        if not rows:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps = np.array([r["step"] for r in rows])
-        loss = np.array([r["loss"] for r in rows])
-        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-        ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss (mean over each log interval)")
-        if len(loss) >= 5:
-            k = max(2, len(loss) // 20)
-            sm = np.convolve(loss, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1:], sm, lw=1.6, label=f"moving mean of {k}")
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("weighted loss")
-        ax.set_title(f"{self.cfg.name}: {self.cfg.strategy}, {self.cfg.model}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(path or self.out / "loss.png")
-        fig.savefig(path)
-        plt.close(fig)
-        return str(path)
+        return plot_loss(self._read_metrics(), Path(path or self.out / "loss.png"),
+                         title=f"{self.cfg.name}: {self.cfg.strategy}, {self.cfg.model}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -855,10 +450,7 @@ class Trainer:
                 self._check_finite()  # never log or checkpoint a poisoned state
                 row = None
                 if log_now or eval_now:
-                    acc = torch.stack([self._acc_loss, self._acc_gn])
-                    if self.world_size > 1:
-                        dist.all_reduce(acc)
-                        acc /= self.world_size
+                    acc = mean_over_ranks(torch.stack([self._acc_loss, self._acc_gn]), self.world_size)
                     n = max(self._acc_n, 1)
                     mean_loss, mean_gn = (acc / n).tolist()
                     if self._acc_n == 0:  # every step of the interval skipped: no mean to report
@@ -894,8 +486,8 @@ class Trainer:
                     self._save_samples()
                 if (cfg.ckpt_every and s % cfg.ckpt_every == 0) or last:
                     self.save_checkpoint()
-                if self.world_size > 1 and (eval_now or last):
-                    dist.barrier()  # the others wait while rank 0 evaluates
+                if eval_now or last:
+                    barrier(self.world_size)  # the others wait while rank 0 evaluates
                 t_mark = time.perf_counter()
         finally:
             bar.close()
@@ -918,8 +510,7 @@ class Trainer:
         return summary
 
     def close(self):
-        if self._own_pg and dist.is_initialized():
-            dist.destroy_process_group()
+        if self._own_pg and leave_process_group():
             self._own_pg = False
 
 
