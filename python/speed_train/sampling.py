@@ -170,8 +170,10 @@ FLOW_SAMPLERS = ("euler", "heun")
 
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> np.ndarray:
-    """steps + 1 descending sigmas: linspace(1, 0) through the shift s sigma / (1 + (s - 1) sigma),
-    the grid FlowMatchEulerDiscreteScheduler uses (the shift keeps the ends at 1 and 0)."""
+    """steps + 1 descending sigmas: linspace(1, 0) through the shift s sigma / (1 + (s - 1) sigma)
+    (the shift keeps the ends at 1 and 0). The same shift as FlowMatchEulerDiscreteScheduler's, not
+    quite its grid: diffusers' set_timesteps(steps) shifts linspace(1, sigma_min) (sigma_min its
+    shifted 1/1000) and appends 0, so its last step starts near 0 (tests/train/test_diffusers_real.py)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not shift > 0:

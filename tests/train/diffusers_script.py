@@ -219,8 +219,9 @@ class StepRunner:
 
 
 def train(runner: StepRunner, data: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int = 0,
-          log_every: int = 0) -> list[float]:
-    """`steps` AdamW steps of the runner's program on random batches; the losses."""
+          log_every: int = 0, after_step=None) -> list[float]:
+    """`steps` AdamW steps of the runner's program on random batches; the losses. ``after_step()``
+    runs after each optimiser step (an EMA update, say)."""
     model = runner.ns["model"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -233,6 +234,8 @@ def train(runner: StepRunner, data: torch.Tensor, steps: int, batch_size: int, l
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the script's clip_grad_norm_(…, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         losses.append(float(ns["loss"].detach()))
         if log_every and (i + 1) % log_every == 0:
             print(f"step {i + 1}: loss {np.mean(losses[-log_every:]):.4f}", flush=True)

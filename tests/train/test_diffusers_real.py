@@ -33,6 +33,7 @@ from speed_kernels import FlowMatchingLoss, rng  # noqa: E402
 from speed_kernels import flow_strategies as fs  # noqa: E402
 from speed_kernels.tables import ROW_WEIGHT  # noqa: E402
 from speed_train.adapters import DiffusersLoss  # noqa: E402
+from speed_train.sampling import flow_sigmas  # noqa: E402
 
 ULP1 = 2.0 ** -24  # float32 rounding at 1 (half an ulp)
 SCHEMES = ["none", "sigma_sqrt", "cosmap", "logit_normal", "mode"]
@@ -230,7 +231,8 @@ def test_flow_weights_match_compute_loss_weighting_for_sd3(scheme, backend):
 def test_flow_match_scheduler_sigma_grid_is_our_shift(shift):
     """FlowMatchEulerDiscreteScheduler's training grid is our shift of k/1000, and its σ values are
     the quantiles k/1000 of our shifted uniform density; its inference grid (set_timesteps) is our
-    shift too, of diffusers' own unshifted linspace."""
+    shift too, of diffusers' own unshifted linspace(1, σ_min), which is not our sampler's
+    linspace(1, 0) (flow_sigmas): the ends and the map agree, the points between do not."""
     sched = FlowMatchEulerDiscreteScheduler(shift=shift)
     N = sched.config.num_train_timesteps
     k = np.arange(N, 0, -1) / N
@@ -245,6 +247,9 @@ def test_flow_match_scheduler_sigma_grid_is_our_shift(shift):
     sched.set_timesteps(n)
     inner = fs.shift_sigma(np.linspace(1.0, grid[-1], n), shift)
     np.testing.assert_allclose(sched.sigmas.double().numpy(), np.append(inner, 0.0), rtol=2e-6, atol=1e-7)
+    ours = flow_sigmas(n, shift)
+    assert ours[0] == float(sched.sigmas[0]) == 1.0 and ours[-1] == float(sched.sigmas[-1]) == 0.0
+    np.testing.assert_allclose(fs.unshift_sigma(ours, shift), np.linspace(1.0, 0.0, n + 1), atol=1e-12)
 
 
 # ------------------------------------------------------------------------------ the doc's diffs, run
