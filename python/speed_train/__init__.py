@@ -18,6 +18,7 @@ LAYERS = (
     ("files", ("latents", "checkpoint")),                    # encode folders and checkpoint files on disk
     ("data", ("data",)),                                     # datasets (latents among them), seeded order
     ("models", ("models", "sampling", "flow_objective", "adapters")),  # networks, samplers, loss glue
+    ("features", ("features",)),                             # the feature networks: own classifier, Inception
     ("metrics", ("metrics",)),                               # beside the models: scores images from data
     ("autoencoder", ("autoencoder",)),                       # trains on data, scores decodes with metrics
     ("ranks", ("distributed",)),                             # torchrun: ranks, process group, collectives

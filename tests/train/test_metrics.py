@@ -182,7 +182,9 @@ def test_inception_fid_missing_package_is_a_clear_error():
 def test_inception_sha1_is_checked(tmp_path, monkeypatch):
     fake = tmp_path / "default_1.pt"
     fake.write_bytes(b"not the weights")
-    monkeypatch.setattr(M, "_find_fid_helper_weights", lambda: fake)
+    from speed_train import features
+
+    monkeypatch.setattr(features, "_find_fid_helper_weights", lambda: fake)  # where load_fid_inception looks
     with pytest.raises(RuntimeError, match="expected a16e4d89c0ecbc17a915dd76ea9e41211aa82562"):
         M.load_fid_inception("cpu")
 
