@@ -24,6 +24,7 @@ LAYERS = (
     ("ranks", ("distributed",)),                             # torchrun: ranks, process group, collectives
     ("engine parts", ("config", "faults", "records")),       # settings, non-finite steps, run records
     ("engine", ("trainer",)),                                # the training loop
+    ("study parts", ("strategy_specs", "curves", "compare_report")),  # strategy lists, speed-ups, result files
     ("studies", ("compare",)),                               # strategies against each other, on the engine
     ("cli", ("cli",)),                                       # the `speed-kernels` command, last
 )

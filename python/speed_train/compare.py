@@ -41,19 +41,20 @@ compare the spread across ``--seeds`` with the differences before reading anythi
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
-import math
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from .compare_report import METRIC_NAMES, markdown_table, write_results
+from .curves import first_reach_step, speedup
+from .strategy_specs import parse_strategies
 
 __all__ = [
     "add_compare_command",
@@ -70,62 +71,9 @@ DEFAULT_FLOW_STRATEGIES = "uniform,logit_normal,mode,speed"  # speed: SpeeD for 
 OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm"), "flow": ("euler", "heun")}  # first: the default
 DEFAULT_PREDICTION = {"diffusion": "eps", "flow": "v"}  # an eps model cannot give the velocity at sigma = 1
 FLOW_SHARED_PARAMS = {"shift", "clamp"}  # flow parameters of the path itself: uniform with them is the reference
-METRIC_NAMES = {"fd": "classifier Frechet distance", "mmd2": "pixel MMD^2", "swd": "pixel sliced W2",
-                "fid": "Inception FID"}
 
 
-# ---------------------------------------------------------------------------------- parsing
-
-
-def parse_strategies(spec: str | Sequence[str], params: Sequence[str] | None = None,
-                     objective: str = "diffusion") -> list[tuple[str, str, dict]]:
-    """``"uniform,speed:k=5,lam=0.6,speed+p2"`` -> [(label, name, params), ...].
-
-    The grammar of ``analyze --strategy`` (NAME:KEY=VALUE,...) in one comma-separated list: a
-    KEY=VALUE token after a strategy belongs to it. ``params`` are ``--param [STRATEGY:]KEY=VALUE``
-    items, routed by speed_kernels.analysis.parse_params (to the strategies that have KEY). Each
-    strategy is checked against ``speed_kernels.strategies`` (unknown name or parameter ->
-    ValueError naming the known ones). Labels are unique.
-
-    ``objective="flow"``: names are flow strategies (``speed_kernels.flow_strategies``); ``params``
-    are routed as ``train --objective flow`` does (an unprefixed item goes to every strategy, e.g.
-    ``shift=3``) and each strategy is built once to check its name and parameters."""
-    from speed_kernels import flow_strategies, strategies
-    from speed_kernels.analysis import parse_params, parse_strategy_spec, route_params_unchecked, split_key_value
-
-    if objective not in OBJECTIVE_SAMPLERS:
-        raise ValueError(f"objective must be diffusion or flow, got {objective!r}")
-
-    tokens = spec.split(",") if isinstance(spec, str) else [t for s in spec for t in str(s).split(",")]
-    entries: list[list] = []
-    for raw in tokens:
-        tok = raw.strip()
-        if not tok:
-            continue
-        if ":" in tok or "=" not in tok:
-            entries.append(list(parse_strategy_spec(tok)))
-            continue
-        if not entries:
-            raise ValueError(f"strategy parameter {tok!r} comes before any strategy name")
-        target, key, val = split_key_value(tok, option="strategy parameter")
-        if target:
-            raise ValueError(f"strategy parameter must be key=value, got {tok!r}")
-        entries[-1][1][key] = val
-    if not entries:
-        raise ValueError("--strategies is empty")
-    route = route_params_unchecked if objective == "flow" else parse_params
-    routed = route(params or [], list(dict.fromkeys(name for name, _ in entries)))
-    build = flow_strategies.get if objective == "flow" else strategies.get
-    out, seen = [], set()
-    for name, own in entries:
-        p = {**routed[name], **own}
-        build(name, **p)  # validates name and parameters now, before any training
-        label = name + (":" + ",".join(f"{k}={v}" for k, v in p.items()) if p else "")
-        if label in seen:
-            raise ValueError(f"strategy {label!r} is listed twice")
-        seen.add(label)
-        out.append((label, name, p))
-    return out
+# ---------------------------------------------------------------------------------- seeds
 
 
 def _parse_seeds(spec: str | Sequence[int]) -> list[int]:
@@ -143,93 +91,13 @@ def _parse_seeds(spec: str | Sequence[int]) -> list[int]:
     return seeds
 
 
-# ---------------------------------------------------------------------------------- reading curves
-
-
-def first_reach_step(steps: Sequence[float], values: Sequence[float], target: float) -> tuple[float | None, bool]:
-    """First step where a lower-is-better curve reaches ``target``, linearly interpolated.
-
-    Returns (step, exact): step None when never reached; exact False when the first evaluation
-    already reaches it (then the step is an upper bound)."""
-    s = np.asarray(steps, dtype=np.float64)
-    v = np.asarray(values, dtype=np.float64)
-    for i in range(len(s)):
-        if not np.isfinite(v[i]) or v[i] > target:
-            continue
-        if i == 0:
-            return float(s[0]), False
-        v0, v1 = v[i - 1], v[i]
-        if not np.isfinite(v0) or v0 == v1:
-            return float(s[i]), True
-        frac = (v0 - target) / (v0 - v1)
-        return float(s[i - 1] + frac * (s[i] - s[i - 1])), True
-    return None, True
-
-
-def speedup(uniform_curve: tuple[Sequence, Sequence], curve: tuple[Sequence, Sequence]) -> dict:
-    """The speed-up of ``curve`` over ``uniform_curve`` (each (steps, values), lower is better).
-
-    Keys: ``target`` (uniform's final value), ``uniform_steps`` / ``steps`` (first steps reaching it),
-    ``speedup`` (their ratio; None when the strategy never reaches the target) and ``bound``:
-    None when both steps are interpolated, ">=" when only the strategy's is an upper bound (the
-    ratio is a lower bound), "<=" when only uniform's is, "?" when both are (no reading)."""
-    us, uv = uniform_curve
-    target = float(uv[-1])
-    s_u, exact_u = first_reach_step(us, uv, target)
-    s_s, exact_s = first_reach_step(*curve, target)
-    res = {"target": target, "uniform_steps": s_u, "steps": s_s}
-    if s_s is None:
-        res.update(speedup=None, bound=None)
-        return res
-    res["speedup"] = s_u / s_s if s_s > 0 else math.inf
-    res["bound"] = {(True, True): None, (True, False): ">=", (False, True): "<=", (False, False): "?"}[(exact_u, exact_s)]
-    return res
-
-
 # ---------------------------------------------------------------------------------- provenance
 
 
 def _provenance(command: str | None, device: str) -> dict:
-    import torch
-    from speed_kernels.backends import numerics_env
+    from .records import provenance
 
-    try:
-        import speed_kernels
-
-        skv = getattr(speed_kernels, "__version__", None)
-    except Exception:  # pragma: no cover
-        skv = None
-    from . import __version__ as stv
-
-    try:
-        from .trainer import _git_commit
-
-        commit = _git_commit()
-    except Exception:  # pragma: no cover
-        commit = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    dev = device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        dev = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return {
-        "produced_by": "speed-kernels compare (speed_train.compare.run_compare)",
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-        "device": dev,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "speed_kernels": skv, "speed_train": stv},
-        "git_commit": commit,
-        "numerics_env": numerics_env(),  # SPEED_* knobs that may change numerics
-    }
+    return provenance(command, device, produced_by="speed-kernels compare (speed_train.compare.run_compare)")
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -414,7 +282,7 @@ def run_compare(
     }
     result["meta"] = meta
     result["runs"] = runs
-    result["files"] = _write_results(out, result)
+    result["files"] = write_results(out, result)
     say("")
     say(result["markdown_table"])
     say("")
@@ -466,143 +334,8 @@ def _summarise(specs, seeds, runs, metric, evaluator, objective="diffusion") -> 
             row.update(steps_to_target=sp["steps"], target=sp["target"], uniform_steps=sp["uniform_steps"],
                        speedup=sp["speedup"], speedup_bound=sp["bound"])
         rows.append(row)
-    md = _markdown_table(rows, metric, evaluator, ref_label is not None, len(seeds))
+    md = markdown_table(rows, metric, evaluator, ref_label is not None, len(seeds))
     return {"rows": rows, "curves": curves, "metric": metric, "reference": ref_label, "markdown_table": md}
-
-
-def _fmt(v, digits=4):
-    if v is None:
-        return "n/a"
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return f"{v:.{digits}g}"
-
-
-def _markdown_table(rows, metric, evaluator, has_ref, n_seeds) -> str:
-    others = [m for m in evaluator.metric_names if m != metric]
-    head = [f"strategy", f"final {metric}" + (" (mean ± sd)" if n_seeds > 1 else ""), f"best {metric}"]
-    if has_ref:
-        head += ["steps to uniform's final", "speed-up"]
-    head += [f"final {m}" for m in others] + ["final loss", "steps/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        final = _fmt(r["final"]) + (f" ± {_fmt(r['final_std'], 2)}" if r.get("final_std") is not None else "")
-        cells = [r["strategy"], final, _fmt(r["best"])]
-        if has_ref:
-            b = r["speedup_bound"]
-            if r["steps_to_target"] is None:
-                cells += ["not reached", "not reached"]
-            elif b == "?":
-                cells += [f"<= {r['steps_to_target']:.0f}", "? (both at the first eval)"]
-            else:
-                first = b == ">="  # the strategy's step is the first evaluation: an upper bound
-                cells += [("<= " if first else "") + f"{r['steps_to_target']:.0f}",
-                          (f"{b} " if b else "") + f"{r['speedup']:.2f}x"]
-        cells += [_fmt(r[f"final_{m}"]) for m in others]
-        cells += [_fmt(r["final_loss"]), _fmt(r["steps_per_s"], 3)]
-        lines.append("| " + " | ".join(cells) + " |")
-    fl = evaluator.floor
-    cells = ["real vs real (floor)", _fmt(fl[metric]), "", *([""] * (2 if has_ref else 0)),
-             *[_fmt(fl[m]) for m in others], "", ""]
-    lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _write_results(out: Path, result: dict) -> dict:
-    meta, metric = result["meta"], result["metric"]
-    cfg = meta["config"]
-    files = {}
-    what = (f"{METRIC_NAMES.get(metric, metric)} ({metric}, lower is better) of {cfg['eval_samples']} samples "
-            f"({cfg['sampler']}, {cfg['sample_steps']} steps, EMA weights) against {meta['evaluator']['n_ref']} "
-            f"real images, after {cfg['steps']} training steps; mean over seeds {cfg['seeds']}")
-    ev = meta["evaluator"]
-    clf = ev.get("classifier") or {}
-    objective = cfg.get("objective", "diffusion")
-    # what the strategies act on: the DDPM schedule, or the flow path (no schedule; sigma in [0, 1])
-    path = (f"objective flow (rectified flow, x_t = (1 - sigma) x0 + sigma eps, flow strategies)"
-            if objective == "flow" else f"objective diffusion, {cfg['schedule']} schedule")
-    lines = [
-        f"# Strategy comparison: {cfg['data']}, {cfg['model']}, {objective}, sampler {cfg['sampler']}",
-        "",
-        f"- produced by: `{meta['command']}` ({meta['produced_by']})",
-        f"- date: {meta['date']}; machine: {meta['machine']}; device: {meta['device']}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f"; git {meta['git_commit']}",
-        f"- SPEED_* environment: {json.dumps(meta.get('numerics_env') or {})}",
-        f"- training: {path}, {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, "
-        f"{cfg['prediction']}-prediction{', learned sigma' if cfg['learn_sigma'] else ''}, seeds {cfg['seeds']}",
-        f"- score: {what}; evaluated every {cfg['eval_every']} steps",
-        f"- classifier for fd: {clf.get('arch')} trained {clf.get('epochs')} epochs "
-        f"(train accuracy {_fmt(clf.get('train_accuracy'))}), cached key {clf.get('key')}" if clf else "- no classifier",
-        f"- speed-up = (steps for uniform to reach its final {metric}) / (steps for the strategy to first reach it), "
-        "linear interpolation between evaluations on the mean curve; a step reached already at the first evaluation "
-        "is an upper bound ('<= N'), making the ratio a bound ('>=' or '<='), or unknown ('?') when both are",
-        f"- wall time: {meta['wall_time_s']} s",
-        "",
-        result["markdown_table"],
-        "",
-    ]
-    p = out / "results.md"
-    p.write_text("\n".join(lines))
-    files["markdown"] = str(p)
-
-    p = out / "results.csv"
-    with open(p, "w", newline="") as f:
-        f.write(f"# produced by: {meta['command']}\n# date: {meta['date']}; machine: {meta['machine']}; "
-                f"device: {meta['device']}\n# versions: {json.dumps(meta['versions'])}; git {meta['git_commit']}\n"
-                f"# SPEED_* environment: {json.dumps(meta.get('numerics_env') or {})}\n"
-                f"# training: objective {objective}, {cfg['prediction']}-prediction, sampler {cfg['sampler']}\n"
-                f"# score: {what}\n")
-        keys = ["strategy", "final", "final_std", "best", "steps_to_target", "speedup", "speedup_bound",
-                "target", "uniform_steps"] + [f"final_{m}" for m in ev["floor"] if m != "n"] + ["final_loss", "steps_per_s"]
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in result["rows"]:
-            w.writerow({k: r.get(k) for k in keys})
-        w.writerow({"strategy": "real vs real (floor)", "final": ev["floor"][metric],
-                    **{f"final_{m}": v for m, v in ev["floor"].items() if m != "n"}})
-    files["csv"] = str(p)
-
-    p = out / "results.json"
-    with open(p, "w") as f:
-        json.dump({k: result[k] for k in ("meta", "metric", "reference", "rows", "curves", "runs")}, f, indent=2,
-                  default=str)
-    files["json"] = str(p)
-
-    files["plot"] = _plot(out / "quality_vs_steps.png", result)
-    return files
-
-
-def _plot(path: Path, result: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    meta, metric = result["meta"], result["metric"]
-    cfg, floor = meta["config"], meta["evaluator"]["floor"]
-    metrics = [metric] + [m for m in ("mmd2", "swd", "fd") if m != metric and m in floor][:1]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), dpi=120, squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        for label, c in result["curves"].items():
-            s = np.array(c["steps"])
-            line, = ax.plot(s, c[f"{m}_mean"], marker="o", ms=3, lw=1.5, label=label)
-            if len(cfg["seeds"]) > 1:
-                ax.fill_between(s, c[f"{m}_min"], c[f"{m}_max"], color=line.get_color(), alpha=0.15, lw=0)
-        ax.axhline(floor[m], color="k", ls="--", lw=1, label="real vs real (floor)")
-        ax.set_xlabel("training step")
-        ax.set_ylabel(f"{m} (lower is better)")
-        if m != "mmd2":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{METRIC_NAMES.get(m, m)}", fontsize=9)
-    axes[0][0].legend(fontsize=7)
-    spread = f", band: min-max over seeds {cfg['seeds']}" if len(cfg["seeds"]) > 1 else f", seed {cfg['seeds'][0]}"
-    fig.suptitle(f"{cfg['data']}, {cfg['model']}, {cfg.get('objective', 'diffusion')}, batch {cfg['batch_size']}: {cfg['eval_samples']} samples, "
-                 f"{cfg['sampler']}-{cfg['sample_steps']}{spread}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -1,5 +1,5 @@
-"""What a run writes down about itself: provenance (versions, git commit), a training run's
-run.json, its metrics.jsonl log and its loss plot.
+"""What a run writes down about itself: provenance (versions, git commit, machine), a training
+run's run.json, its metrics.jsonl log and its loss plot.
 
 run.json is written atomically at the start of every (resumed) run; metrics.jsonl holds one JSON
 line per log step and, on resume, keeps only the lines up to the checkpoint's step.
@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 
 from .models import count_params
 
-__all__ = ["write_text_atomic", "git_commit", "versions", "describe_backend", "run_record",
+__all__ = ["write_text_atomic", "git_commit", "versions", "provenance", "describe_backend", "run_record",
            "open_metrics", "read_metrics", "plot_loss"]
 
 
@@ -57,6 +58,35 @@ def versions() -> dict:
         sk_version = None
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "speed_kernels": sk_version, "speed_train": speed_train_version}
+
+
+def provenance(command: str | None, device: str, produced_by: str) -> dict:
+    """Where and how a study's results were made: the command (default: this process's), date,
+    machine (CPU model, CPU count, torch threads), device, versions, git commit, SPEED_* knobs."""
+    from speed_kernels.backends import numerics_env
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    dev = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        dev = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return {
+        "produced_by": produced_by,
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "device": dev,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "numerics_env": numerics_env(),  # SPEED_* knobs that may change numerics
+    }
 
 
 # ---------------------------------------------------------------------------------- run.json
