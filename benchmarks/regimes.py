@@ -240,6 +240,18 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
         say(f"regimes: {rname}: {data}, {prof}, samplers {sampler_list}")
         evaluator = _evaluator(data, n_samples=prof["eval_samples"], device=device)
         metric = "fid" if "fid" in evaluator.metric_names else ("fd" if "fd" in evaluator.metric_names else "mmd2")
+        floor = json.loads(json.dumps(evaluator.floor))
+        if report_only:
+            # the feature classifier is trained on the machine that scores (cached per machine); its
+            # weights, hence every score and the floor, differ across CPU kinds (Intel vs AMD moved the
+            # digits floor 8.920 -> 8.917). A report reads the records with the floor they were scored
+            # against: uniform's, the reference of every speed-up
+            recorded = _recorded_floor(out / "runs" / rname, seed_list)
+            if recorded is not None and recorded != floor:
+                say(f"regimes: {rname}: the records were scored by another machine's feature network (floor "
+                    f"{metric} {recorded[metric]:.6g}, here {floor[metric]:.6g}); reporting them with theirs "
+                    "(runs trained here would not be comparable with them)")
+                floor = recorded
         # the data-aware analysis of the training data (what the model sees): is SpeeD's tau right here?
         from speed_kernels.data_analysis import data_areas
         from speed_train.data import load_dataset
@@ -263,7 +275,7 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
                 signature = json.loads(json.dumps({
                     "config": config,
                     "eval_every": prof["eval_every"], "eval_samples": prof["eval_samples"], "samplers": sampler_list,
-                    "eval_seed": eval_seed, "floor": evaluator.floor}, default=str))
+                    "eval_seed": eval_seed, "floor": floor}, default=str))
                 record = run_dir / "evals.json"
                 if record.exists() and json.loads(record.read_text()).get("signature") == signature:
                     evals = json.loads(record.read_text())["evals"]
@@ -315,7 +327,7 @@ def run_study(*, regimes: str, strategies: str = STUDY_STRATEGIES, seeds: str = 
             summary["regimes"][rname] = {"data": data, "profile": prof, "seeds": seeds_of, "samplers": {}}
             continue
         summary["regimes"][rname] = _summarise_regime(rname, data, prof, reg, specs, seeds_of, sampler_list, curves,
-                                                      metric, evaluator, prediction, n_boot, out)
+                                                      metric, evaluator, floor, prediction, n_boot, out)
         summary["regimes"][rname]["seeds"] = seeds_of
 
     meta = {**_provenance(command, device), "profile": profile, "seeds": seed_list,
@@ -338,12 +350,26 @@ def _finished_seeds(curves, label, seeds, samplers) -> list:
     return [sd for sd in seeds if all(sd in curves.get((label, _sampler_key(sp)), {}) for sp in samplers)]
 
 
-def _summarise_regime(rname, data, prof, reg, specs, seeds_of, samplers, curves, metric, evaluator, prediction, n_boot,
-                      out):
+def _recorded_floor(runs: Path, seeds) -> dict | None:
+    """The floor in the signature of the first recorded uniform run of a regime (None if none)."""
+    for sd in seeds:
+        rec = runs / f"uniform-seed{sd}" / "evals.json"
+        if rec.exists():
+            return json.loads(rec.read_text())["signature"]["floor"]
+    return None
+
+
+def _summarise_regime(rname, data, prof, reg, specs, seeds_of, samplers, curves, metric, evaluator, floor, prediction,
+                      n_boot, out):
     desc = evaluator.describe()
     res = {"data": data, "profile": prof, "learn_sigma": reg["learn_sigma"], "metric": metric,
-           "floor": {m: desc["floor"][m] for m in evaluator.metric_names}, "floor_n": desc["floor"]["n"],
+           "floor": {m: floor[m] for m in evaluator.metric_names}, "floor_n": floor["n"],
            "reconstruction": desc.get("reconstruction"), "analysis": prediction, "samplers": {}}
+    if data.startswith("latents:"):
+        # the signature names the latents folder, not its contents: a re-encode (another machine) makes
+        # other latents, so the summary says which encode the reconstruction floor belongs to
+        info = Path(data[len("latents:"):]) / "info.json"
+        res["latents_encoded"] = json.loads(info.read_text()).get("date") if info.exists() else None
     for sname, ssteps, final_only in samplers:
         sk = _sampler_key((sname, ssteps, final_only))
         per = {}  # label -> (steps, [seeds, evaluations] array, seeds)
@@ -492,7 +518,9 @@ def _markdown(summary: dict) -> str:
                   f"metric {r['metric']} on {r['profile']['eval_samples']} samples; real-vs-real floor "
                   + ", ".join(f"{k} {_f(v, 4)}" for k, v in r["floor"].items())
                   + (f"; reconstruction floor {r['metric']} {_f(r['reconstruction'].get(r['metric']), 4)} "
-                     f"(n = {r['reconstruction'].get('n')})" if r.get("reconstruction") else ""),
+                     f"(n = {r['reconstruction'].get('n')}"
+                     + (f"; latents encoded {r['latents_encoded']}" if r.get("latents_encoded") else "") + ")"
+                     if r.get("reconstruction") else ""),
                   f"analysis of the training data: schedule tau {a['tau_schedule']}, data tau {a['tau_data']}, "
                   f"recommended k {a['k']:.2g}", "each strategy against uniform on the seeds both have finished "
                   "(seeds column); speed-up = uniform's steps / the strategy's steps to uniform's final score", ""]
