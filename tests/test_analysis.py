@@ -162,3 +162,17 @@ def test_cli_inline_params_compare_variants(capsys):
     assert b["params"]["variant"] == "paper" and b["params"]["k"] == 2 and not b["mirror"]
     with pytest.raises(ValueError, match="schedule"):
         A.make_schedule("sigmoid")
+
+
+def test_analyze_recommendation_names_a_registered_strategy_and_its_figure():
+    """The advice `speed-kernels analyze` prints names a strategy the library has and a figure in docs/."""
+    import re
+    from pathlib import Path
+
+    from speed_kernels import strategies
+    from speed_kernels.analysis import RECOMMENDATION
+
+    name = re.search(r"--strategy ([\w+:=.-]+)", RECOMMENDATION).group(1)
+    strategies.get(name)  # raises for an unknown name
+    fig = re.search(r"docs/[\w.-]+\.png", RECOMMENDATION).group(0)
+    assert (Path(__file__).resolve().parents[1] / fig).is_file(), fig
