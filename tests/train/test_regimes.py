@@ -116,6 +116,23 @@ def test_tiny_slice_writes_csv_summary_and_plots(tmp_path, tmp_path_factory, mon
          and r["sampler"] == "ddim-2" and r["metric"] == reg["metric"]][0])
     assert rows_ddim["speed"]["seeds"] == [] and rows_ddim["speed"]["final"] is None
     assert "| speed | none | no record yet |" in (out / "summary.md").read_text()
+    # records scored on another machine (its feature classifier gives another floor): a report reads
+    # them with their own floor; a run that may train does not take them as its own
+    for rec in (out / "runs" / "smoke-digits-pixel").glob("*/evals.json"):
+        d = json.loads(rec.read_text())
+        d["signature"]["floor"]["fd"] += 0.01
+        rec.write_text(json.dumps(d))
+    moved = json.loads((out / "runs" / "smoke-digits-pixel" / "uniform-seed0" / "evals.json").read_text())
+    summ = regimes.run_study(regimes="smoke-digits-pixel", strategies=f"uniform,{adaptive}",
+                             seeds="0,1", samplers="ddim-2,ddpm-3@final", steps=4, eval_every=2, eval_samples=24,
+                             n_boot=50, out=out, verbose=False, report_only=True)
+    reg = summ["regimes"]["smoke-digits-pixel"]
+    assert reg["seeds"] == {"uniform": [0, 1], adaptive: [1]}
+    assert reg["floor"]["fd"] == pytest.approx(moved["signature"]["floor"]["fd"])
+    summ = regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform,speed", train_only="speed",
+                             seeds="0", samplers="ddim-2,ddpm-3@final", steps=4, eval_every=2, eval_samples=24,
+                             n_boot=50, out=out, verbose=False)
+    assert summ["regimes"]["smoke-digits-pixel"]["seeds"] == {"uniform": [], "speed": []}
     summ = regimes.run_study(regimes="smoke-digits-pixel", strategies="uniform", seeds="3", samplers="ddim-2",
                              steps=4, eval_every=2, eval_samples=24, n_boot=50, out=out, verbose=False, report_only=True)
     assert summ["regimes"]["smoke-digits-pixel"]["seeds"] == {"uniform": []}
