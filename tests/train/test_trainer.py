@@ -134,6 +134,33 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert (out / "samples.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,params", [
+    # gradvar: every rank fed the gathered (t, loss) pairs, warmed up inside the run so its table moves
+    ("gradvar", ["--param", "warmup_steps=1", "--param", "ema_steps=2"]),
+    # uncertainty's u: trained by the optimizer, its gradient averaged over ranks outside DDP
+    ("speed+uncertainty", []),
+])
+def test_torchrun_learned_strategy_state_is_the_same_on_every_rank(tmp_path, strategy, params):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "speed_train.cli", "train", "--device", "cpu", "--model", "unet-tiny", "--strategy", strategy,
+           *params, "--steps", "5", "--batch-size", "16", "--log-every", "1", "--sample-n", "0",
+           "--no-progress", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    st = torch.load(out / "ckpt.pt", weights_only=True)
+    assert st["world_size"] == 2 and len(st["ranks"]) == 2
+    s0, s1 = (rk["loss_fn"]["strategy_state"] for rk in st["ranks"])
+    _assert_same_state(s0, s1)  # bit for bit: the ranks draw from one table
+    # and the state has learned something (not the initial table on both ranks)
+    learned = s0.get("m", s0.get("u"))
+    if learned is None:  # a combined strategy keeps its parts' states
+        learned = next(v for part in s0.values() if isinstance(part, dict) for k, v in part.items() if k in ("m", "u"))
+    assert torch.as_tensor(learned).abs().sum() > 0
+
+
 def _history_size(state):
     for key in ("count", "counts", "_state_count"):
         if key in state:
