@@ -463,15 +463,20 @@ def _plot_speedup_curve(path, rname, sk, curve):
         lo = [np.nan if r["ci95"][0] is None else r["ci95"][0] for r in rows]
         hi = [np.nan if r["ci95"][1] is None else r["ci95"][1] for r in rows]
         ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
+        # a bound, not a reading (a target met before the first evaluation): an open triangle that
+        # points the way the true value lies (up: at least, down: at most)
+        for mark, sign in (("^", ">="), ("v", "<=")):
+            pts = [(x, y) for x, y, r in zip(s, v, rows) if r["bound"] == sign]
+            if pts:
+                ax.plot(*zip(*pts), ls="none", marker=mark, ms=9, mfc="none", mec=line.get_color())
+    for mark, sign, text in (("^", ">=", "at least"), ("v", "<=", "at most")):
+        if any(r["bound"] == sign for e in curve["strategies"].values() for r in e["rows"]):
+            ax.plot([], [], ls="none", marker=mark, ms=9, mfc="none", mec="gray",
+                    label=f"{text} (target met at the first evaluation)")
     ax.axhline(1.0, color="k", ls="--", lw=1, label="uniform")
     ax.set_xlabel("target: uniform's score at step s")
     ax.set_ylabel("speed-up (uniform's steps / the strategy's)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    ax.set_title(f"{rname}, {sk}: speed-up against the target (band: bootstrap 95% over seeds)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, f"{rname}, {sk}: speed-up against the target (band: bootstrap 95% over seeds)")
 
 
 def _plot(path, rname, sk, per, metric, floor):
@@ -489,9 +494,15 @@ def _plot(path, rname, sk, per, metric, floor):
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{metric} (lower is better)")
     ax.set_yscale("log")
+    _finish(fig, ax, path, f"{rname}, {sk}: mean over seeds (band min-max)")
+
+
+def _finish(fig, ax, path, title):
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    ax.set_title(f"{rname}, {sk}: mean over seeds (band min-max)", fontsize=8)
+    ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
