@@ -11,6 +11,8 @@ device tensor) so that a restored `state_dict` continues the same stream and eve
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import reference
@@ -74,6 +76,7 @@ class DiffusionLoss(LossStream):
         self.check_inputs = check_inputs
         self._backend_cache: dict = {}
         self._args: dict = {}  # device -> DiffusionArgs (the backends' named arguments)
+        self._parameters_handed_out = False  # a learned weighting warns once if its u reaches no optimizer
         self._init_stream(seed, rank)
         self._host_tables = self._build_host_tables()
         self.pivot = int(self.strategy.pivot(schedule)) if self.strategy.mirror else 0
@@ -119,6 +122,7 @@ class DiffusionLoss(LossStream):
         *loss_fn.parameters("cuda")])``. Empty for every other strategy."""
         if device is None:
             device = self._call.device if self._call is not None else "cpu"
+        self._parameters_handed_out = True
         return self.strategy.parameters(resolve_device(device))
 
     def refresh_tables(self) -> None:
@@ -261,6 +265,13 @@ class DiffusionLoss(LossStream):
             out, terms = self.backend(x0.device, pred.dtype).loss(pred, x0, t, self.op_args(x0.device), reduce_mean)
         extra = self.strategy.extra_loss(t, terms[0])  # a learned weighting's own term (uncertainty's u)
         if extra is not None:
+            if not self._parameters_handed_out:
+                # nothing else would tell: an optimizer without u trains the model with u = 0 forever
+                self._parameters_handed_out = True  # say it once
+                warnings.warn(f"strategy {self.strategy.name!r} learns its weighting (u per t-bucket), but "
+                              "loss_fn.parameters(device) was never asked for: add them to your optimizer "
+                              "(AdamW([*model.parameters(), *loss_fn.parameters(device)])) or u stays at its "
+                              "initial value and the loss is the unweighted one", UserWarning, stacklevel=2)
             out = out + (extra.mean() if reduce_mean else extra)
         self._last_terms = terms
         self.last_t = t

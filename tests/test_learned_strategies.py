@@ -157,6 +157,25 @@ def test_uncertainty_loss_value_and_gradients_match_edm2(learn_sigma):
     torch.testing.assert_close(out.grad, out2.grad * scale, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("strategy", ["uncertainty", "speed+uncertainty"])
+def test_a_learned_weighting_whose_parameters_reach_no_optimizer_warns_once(strategy, recwarn):
+    x0 = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    forgot = DiffusionLoss(LIN, strategy=strategy, backend="torch", seed=0)
+    for _ in range(3):
+        _, t = forgot.noise(x0)
+        forgot.loss(torch.zeros_like(x0), x0, t)
+    said = [w for w in recwarn if "loss_fn.parameters(device) was never asked for" in str(w.message)]
+    assert len(said) == 1 and issubclass(said[0].category, UserWarning)
+    recwarn.clear()
+    lf, _ = _uncertainty_loss(torch.zeros(20), strategy=strategy)  # asked for: no warning
+    _, t = lf.noise(x0)
+    lf.loss(torch.zeros_like(x0), x0, t)
+    plain = DiffusionLoss(LIN, strategy="speed+p2", backend="torch", seed=0)  # nothing to learn: no warning
+    _, t = plain.noise(x0)
+    plain.loss(torch.zeros_like(x0), x0, t)
+    assert not [w for w in recwarn if "never asked for" in str(w.message)]
+
+
 def test_uncertainty_learns_the_log_loss_level_of_each_bucket():
     lf, u = _uncertainty_loss(torch.zeros(20))
     opt = torch.optim.Adam([u], lr=0.05)
