@@ -299,3 +299,10 @@ def test_library_analyze_reads_arrays_and_names_the_limit(tmp_path, capsys):
     assert "tau_data" in capsys.readouterr().out
     assert main(["analyze", "--data", "digits", "--json"]) == 2  # one-line user error, no traceback
     assert "dataset names need the `speed-kernels` command" in capsys.readouterr().err
+
+
+def test_adaptive_is_retired_and_says_so_when_built():
+    from speed_kernels import strategies as S
+
+    with pytest.warns(FutureWarning, match="retired"):
+        S.get("adaptive")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -129,6 +130,10 @@ class Importance(Strategy):
 class Adaptive(Strategy):
     """Learning-progress sampling: more draws where the loss is still falling, set online.
 
+    Retired (constructing it warns): the regime study found it slower than uniform in every regime
+    and ``benchmarks/adaptive_diagnosis.py`` why (README, "Why adaptive cannot work"). It stays
+    registered so that the study's records can be reproduced.
+
     The T steps are cut into ``buckets`` equal-width buckets (the last one takes the remainder;
     ``min(buckets, T)`` of them). For every bucket b the strategy keeps two exponential moving
     averages of the unweighted per-sample loss it is fed, one fast and one slow, with time
@@ -196,6 +201,9 @@ class Adaptive(Strategy):
                        "warmup_steps": None if warmup_steps is None else int(warmup_steps),
                        "every": int(every), "unbiased": bool(unbiased), "relative": bool(relative)}
         self._state_T: int | None = None
+        warnings.warn("the 'adaptive' strategy is retired: it was slower than uniform in every regime of the "
+                      "study (README, 'Why adaptive cannot work'); it is kept to reproduce those records. For "
+                      "latent DiT training start with speed+uncertainty or speed+p2", FutureWarning, stacklevel=2)
 
     # state ------------------------------------------------------------------------------
     def _ensure(self, T: int) -> None:
