@@ -176,3 +176,7 @@ def test_analyze_recommendation_names_a_registered_strategy_and_its_figure():
     strategies.get(name)  # raises for an unknown name
     fig = re.search(r"docs/[\w.-]+\.png", RECOMMENDATION).group(0)
     assert (Path(__file__).resolve().parents[1] / fig).is_file(), fig
+    # and the README's first advice is the same one
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    advice = readme[readme.index("**Which strategy to start with**"):]
+    assert re.search(r"--strategy ([\w+:=.-]+)", advice).group(1) == name
