@@ -118,8 +118,10 @@ class DiffusionLoss(LossStream):
 
     def parameters(self, device=None) -> list:
         """The strategy's learnable tensors (``uncertainty``'s u), on `device` (default: where the
-        loss last ran, else the CPU), for the model's optimizer: ``AdamW([*model.parameters(),
-        *loss_fn.parameters("cuda")])``. Empty for every other strategy."""
+        loss last ran, else the CPU), for the model's optimizer, in a group of their own at the model's
+        lr times each tensor's ``lr_scale`` (what the training engine does): ``AdamW([{"params":
+        model.parameters()}, {"params": loss_fn.parameters("cuda"), "lr": lr * 10}], lr=lr)``. Empty
+        for every other strategy."""
         if device is None:
             device = self._call.device if self._call is not None else "cpu"
         self._parameters_handed_out = True
@@ -269,9 +271,10 @@ class DiffusionLoss(LossStream):
                 # nothing else would tell: an optimizer without u trains the model with u = 0 forever
                 self._parameters_handed_out = True  # say it once
                 warnings.warn(f"strategy {self.strategy.name!r} learns its weighting (u per t-bucket), but "
-                              "loss_fn.parameters(device) was never asked for: add them to your optimizer "
-                              "(AdamW([*model.parameters(), *loss_fn.parameters(device)])) or u stays at its "
-                              "initial value and the loss is the unweighted one", UserWarning, stacklevel=2)
+                              "loss_fn.parameters(device) was never asked for: add them to your optimizer, as a "
+                              "group of their own at the model's lr times their lr_scale (docs/adapters.md), or u "
+                              "stays at its initial value and the loss is the unweighted one",
+                              UserWarning, stacklevel=2)
             out = out + (extra.mean() if reduce_mean else extra)
         self._last_terms = terms
         self.last_t = t
